@@ -1,0 +1,1 @@
+"""Callbacks for `fit`: memory per device, gradient accumulation, template checkpoints."""

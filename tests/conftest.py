@@ -1,0 +1,69 @@
+"""Test set-up shared by every test module.
+
+- The CPU is split into 3 logical devices once per test process, before anything
+  touches TensorFlow's devices, so multi-device tests run without GPUs.
+- Hypothesis profiles: "ci" (derandomized, no deadline, modest example count) is
+  loaded when CI is set or HYPOTHESIS_PROFILE=ci; "dev" otherwise.
+- Tests marked `gpu` / `multi_gpu` are skipped without one / two GPUs.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+NUM_LOGICAL_CPUS = 3
+
+_cpus = tf.config.list_physical_devices("CPU")
+try:
+    tf.config.set_logical_device_configuration(
+        _cpus[0], [tf.config.LogicalDeviceConfiguration()] * NUM_LOGICAL_CPUS
+    )
+except RuntimeError:  # already initialized by an earlier import in this process
+    pass
+
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    deadline=None,
+    max_examples=40,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile("dev", deadline=None, max_examples=100)
+settings.load_profile(
+    os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev")
+)
+
+
+def _num_gpus() -> int:
+    return len(tf.config.list_logical_devices("GPU"))
+
+
+def pytest_collection_modifyitems(config, items):
+    gpus = _num_gpus()
+    skip_gpu = pytest.mark.skip(reason="needs a GPU")
+    skip_multi = pytest.mark.skip(reason="needs two or more GPUs")
+    for item in items:
+        if "gpu" in item.keywords and gpus < 1:
+            item.add_marker(skip_gpu)
+        if "multi_gpu" in item.keywords and gpus < 2:
+            item.add_marker(skip_multi)
+
+
+@pytest.fixture
+def cpu_devices():
+    """Names of the logical CPU devices: ["/cpu:0", "/cpu:1", "/cpu:2"]."""
+    return [f"/cpu:{i}" for i in range(NUM_LOGICAL_CPUS)]
+
+
+@pytest.fixture(autouse=True)
+def _clear_session():
+    from keras_parallel._compat import keras
+
+    keras.backend.clear_session()
+    yield

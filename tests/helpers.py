@@ -1,0 +1,46 @@
+"""Shared test helpers (the Keras test base's round-trip checks)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from keras_parallel._compat import keras
+
+
+def assert_config_round_trip(layer):
+    """from_config(get_config()) gives a layer with the same JSON config."""
+    config = layer.get_config()
+    clone = layer.__class__.from_config(config)
+    assert json.dumps(clone.get_config(), sort_keys=True, default=str) == json.dumps(
+        config, sort_keys=True, default=str
+    )
+    return clone
+
+
+def assert_save_load_same_outputs(model, x, tmp_path, custom_objects=None, atol=1e-6):
+    """save -> load_model -> equal predictions; returns the loaded model."""
+    path = str(tmp_path / "model.keras")
+    expected = model.predict(x, verbose=0)
+    model.save(path)
+    loaded = keras.models.load_model(path, custom_objects=custom_objects)
+    got = loaded.predict(x, verbose=0)
+    for a, b in zip(_flat(expected), _flat(got), strict=True):
+        np.testing.assert_allclose(a, b, atol=atol)
+    return loaded
+
+
+def _flat(value):
+    if isinstance(value, dict):
+        return [value[k] for k in sorted(value)]
+    if isinstance(value, list | tuple):
+        return list(value)
+    return [value]
+
+
+def assert_weights_close(actual, expected, rtol=1e-5, atol=1e-7):
+    """Weights within `rtol` relative (atol guards entries that are ~0)."""
+    assert len(actual) == len(expected)
+    for a, b in zip(actual, expected, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol)
