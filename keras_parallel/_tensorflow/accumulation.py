@@ -1,0 +1,337 @@
+"""The accumulating train function on TensorFlow (Keras 3's TF backend and tf-keras).
+
+`AccumulatingTrainFunction` replaces `model.train_function` for one `fit`. Per batch it
+fetches the batch in Python, then runs one `tf.function` step that, on each replica
+(`strategy.run`, once per batch):
+
+1. cuts the replica's rows into micro-batches of ``rows_per_step`` rows (a
+   `tf.while_loop`, one micro-batch at a time, so only one micro-batch's activations
+   are alive);
+2. for each, runs the forward pass and the compiled loss, weights the loss by the
+   micro-batch's share of the batch (``rows / batch``: the shares sum to 1, so the
+   weighted sum is the whole-batch loss, regularization included once) and adds its
+   gradients to accumulators;
+3. applies the summed gradients once with the optimizer (one update: `iterations`,
+   schedules, clipping, weight decay and loss-scale checks happen once);
+4. updates the metrics once on the whole batch's concatenated predictions.
+
+The micro-batch size is a tensor argument, so changing it does not retrace. On
+`tf.errors.ResourceExhaustedError` the caller may restore the state a failed step
+touched (`snapshot_state` / `restore_state`) and rerun the same batch smaller.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from keras_parallel._compat import IS_KERAS_3, keras
+
+__all__ = [
+    "AccumulatingTrainFunction",
+    "OUT_OF_MEMORY_ERRORS",
+    "device_memory_limit",
+    "local_batch_rows",
+]
+
+OUT_OF_MEMORY_ERRORS = (tf.errors.ResourceExhaustedError,)
+
+
+def _drop_optionals(data):
+    # Keras 3 data adapters may yield empty tf.experimental.Optional for None.
+    return tf.nest.map_structure(
+        lambda t: None if isinstance(t, tf.experimental.Optional) else t, data
+    )
+
+
+def _first_leaf(structure):
+    return next(t for t in tf.nest.flatten(structure) if t is not None)
+
+
+def _slice_rows(structure, start, stop):
+    return tf.nest.map_structure(lambda t: None if t is None else t[start:stop], structure)
+
+
+def local_batch_rows(data, strategy) -> int:
+    """Rows of the first replica's part of a fetched batch (the whole batch without a strategy)."""
+    x, _, _ = keras.utils.unpack_x_y_sample_weight(_drop_optionals(data))
+    leaf = _first_leaf(x)
+    leaf = strategy.experimental_local_results(leaf)[0]
+    return int(leaf.shape[0]) if leaf.shape[0] is not None else int(tf.shape(leaf)[0])
+
+
+def _loss_scaling(optimizer):
+    """(scale_loss, unscale_gradients) for the optimizer's loss scaling, if any."""
+    if IS_KERAS_3:
+        # Keras 3's LossScaleOptimizer unscales and checks the gradients in apply.
+        return optimizer.scale_loss, None
+    if hasattr(optimizer, "get_scaled_loss"):
+        return optimizer.get_scaled_loss, optimizer.get_unscaled_gradients
+    return None, None
+
+
+def _loss_tracker(model):
+    """Keras 3's loss tracker (the "loss" Mean `train_step` updates); None in tf-keras."""
+    if not IS_KERAS_3:
+        return None  # tf-keras' compute_loss updates its loss metric itself.
+    for metric in model.metrics:
+        if metric.name == "loss":
+            return metric
+    return None
+
+
+def _state_variables(model):
+    """Variables a failed step may have changed: non-trainable (BN, seeds) and metrics."""
+    variables = list(model.non_trainable_variables)
+    for metric in model.metrics:
+        variables.extend(metric.variables)
+    counter = getattr(model, "_train_counter", None)  # tf-keras
+    if counter is not None:
+        variables.append(counter)
+    unique, seen = [], set()
+    for variable in variables:
+        if id(variable) not in seen:
+            seen.add(id(variable))
+            unique.append(variable)
+    return unique
+
+
+class AccumulatingTrainFunction:
+    """A `model.train_function` that accumulates micro-batch gradients within each batch.
+
+    Args:
+        model: the compiled Keras model.
+        controller: the `GradientAccumulation` callback. Called back with
+            ``_micro_batch_size_for(data, rows, probe)`` (the micro-batch size to use,
+            per device), ``_on_out_of_memory(old, new)`` and ``_is_active()``.
+        num_replicas: int. Devices the model itself splits each micro-batch over
+            (a keras_parallel DataParallel model): rows per micro step are
+            ``num_replicas * micro_batch_size``.
+        original: the train function this one replaces; used when called stale
+            (after the callback's `fit` ended without `on_train_end`).
+    """
+
+    def __init__(self, model, controller, num_replicas=1, original=None):
+        self.model = model
+        self.controller = controller
+        self.num_replicas = num_replicas
+        self.original = original
+        self.strategy = model.distribute_strategy
+        self._scale_loss, self._unscale_gradients = _loss_scaling(model.optimizer)
+        self._tracker = _loss_tracker(model)
+        self._step = self._wrap(self._distributed_step)
+        self._probe_step = None
+
+    def _wrap(self, function):
+        if self.model.run_eagerly:
+            return function
+        return tf.function(function, reduce_retracing=True)
+
+    # ------------------------------------------------------------------ per replica
+    def _compute_loss(self, x, y, y_pred, sample_weight):
+        if IS_KERAS_3:
+            return self.model.compute_loss(x, y, y_pred, sample_weight, training=True)
+        return self.model.compute_loss(x, y, y_pred, sample_weight)
+
+    def _micro_step(self, x, y, sample_weight, start, rows_per_step, batch):
+        """Forward and backward on rows [start, start + rows): (grads, weighted loss, y_pred)."""
+        stop = tf.minimum(start + rows_per_step, batch)
+        x_k, y_k, sw_k = (_slice_rows(t, start, stop) for t in (x, y, sample_weight))
+        variables = self.model.trainable_variables
+        with tf.GradientTape() as tape:
+            y_pred = self.model(x_k, training=True)
+            loss = self._compute_loss(x_k, y_k, y_pred, sw_k)
+            share = tf.math.divide_no_nan(
+                tf.cast(stop - start, loss.dtype), tf.cast(batch, loss.dtype)
+            )
+            loss = loss * share
+            scaled = self._scale_loss(loss) if self._scale_loss is not None else loss
+        grads = tape.gradient(scaled, variables)
+        grads = [
+            tf.zeros_like(v) if g is None else tf.convert_to_tensor(g)
+            for g, v in zip(grads, variables, strict=True)
+        ]
+        return grads, loss, y_pred
+
+    def _replica_step(self, data, rows_per_step):
+        model = self.model
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        batch = tf.shape(_first_leaf(x))[0]
+        steps = tf.maximum((batch + rows_per_step - 1) // rows_per_step, 1)
+
+        # The first micro-batch runs outside the loop: it gives the accumulators'
+        # and the predictions' structure and dtypes.
+        grads, loss, y_pred = self._micro_step(x, y, sample_weight, 0, rows_per_step, batch)
+        pred_leaves = tf.nest.flatten(y_pred)
+        arrays = [
+            tf.TensorArray(
+                p.dtype,
+                size=steps,
+                infer_shape=False,
+                element_shape=tf.TensorShape([None]).concatenate(p.shape[1:]),
+            ).write(0, p)
+            for p in pred_leaves
+        ]
+
+        def body(k, grads, loss, arrays):
+            g_k, loss_k, pred_k = self._micro_step(
+                x, y, sample_weight, k * rows_per_step, rows_per_step, batch
+            )
+            grads = [a + b for a, b in zip(grads, g_k, strict=True)]
+            arrays = [
+                a.write(k, p) for a, p in zip(arrays, tf.nest.flatten(pred_k), strict=True)
+            ]
+            return k + 1, grads, loss + loss_k, arrays
+
+        _, grads, loss, arrays = tf.while_loop(
+            lambda k, *_: k < steps,
+            body,
+            (tf.constant(1), grads, loss, arrays),
+            parallel_iterations=1,  # one micro-batch alive at a time
+        )
+        if self._unscale_gradients is not None:
+            grads = self._unscale_gradients(grads)
+        model.optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+
+        if self._tracker is not None:
+            # Keras 3's train_step logs the loss unscaled for distribution, per row.
+            replicas = tf.distribute.get_strategy().num_replicas_in_sync
+            self._tracker.update_state(loss * tf.cast(replicas, loss.dtype), sample_weight=batch)
+        y_pred = tf.nest.pack_sequence_as(y_pred, [a.concat() for a in arrays])
+        logs = model.compute_metrics(x, y, y_pred, sample_weight)
+        counter = getattr(model, "_train_counter", None)  # tf-keras: TensorBoard's step
+        if counter is not None:
+            with tf.control_dependencies(tf.nest.flatten(logs)):
+                counter.assign_add(1)
+        return logs
+
+    def _distributed_step(self, data, rows_per_step):
+        outputs = self.strategy.run(self._replica_step, args=(data, rows_per_step))
+        return self._reduce(outputs)
+
+    def _reduce(self, outputs):
+        strategy = self.strategy
+
+        def reduce(value):
+            results = strategy.experimental_local_results(value)
+            if len(results) == 1:
+                return results[0]
+            if IS_KERAS_3:  # Keras 3's reduce_per_replica("auto"): the mean
+                return tf.reduce_mean(tf.stack(results), axis=0)
+            return results[0]  # tf-keras: "first" (synced metric results)
+
+        return tf.nest.map_structure(reduce, outputs)
+
+    # -------------------------------------------------------------------- probing
+    def _replica_probe(self, data, rows):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        batch = tf.shape(_first_leaf(x))[0]
+        grads, loss, _ = self._micro_step(x, y, sample_weight, 0, rows, batch)
+        return tf.add_n([tf.reduce_sum(tf.cast(g, tf.float32)) for g in grads]) + tf.cast(
+            loss, tf.float32
+        )
+
+    def make_probe(self, data):
+        """A memory probe on `data`: size -> peak bytes of a forward/backward on that many rows.
+
+        Returns None when the device has no allocator statistics (a CPU without
+        TF_CPU_ALLOCATOR_USE_BFC). The probe applies nothing, and restores the
+        non-trainable and metric variables the forward pass touched.
+        """
+        device = _measured_device(self.strategy)
+        try:
+            tf.config.experimental.reset_memory_stats(device)
+            tf.config.experimental.get_memory_info(device)
+        except (ValueError, tf.errors.OpError):
+            return None
+        if self._probe_step is None:
+
+            def probe_step(data, rows):
+                return self.strategy.run(self._replica_probe, args=(data, rows))
+
+            self._probe_step = self._wrap(probe_step)
+
+        def probe(micro_batch_size: int) -> int:
+            saved = self.snapshot_state()
+            try:
+                tf.config.experimental.reset_memory_stats(device)
+                rows = tf.constant(self.num_replicas * micro_batch_size, tf.int32)
+                result = self._probe_step(data, rows)
+                tf.nest.map_structure(
+                    lambda t: t.numpy(), self.strategy.experimental_local_results(result)
+                )
+                return int(tf.config.experimental.get_memory_info(device)["peak"])
+            finally:
+                self.restore_state(saved)
+
+        return probe
+
+    # ------------------------------------------------------------ state save/restore
+    def snapshot_state(self):
+        variables = _state_variables(self.model)
+        return variables, [tf.identity(v) for v in variables]
+
+    @staticmethod
+    def restore_state(saved):
+        variables, values = saved
+        for variable, value in zip(variables, values, strict=True):
+            variable.assign(value)
+
+    # ------------------------------------------------------------------- the call
+    def __call__(self, iterator):
+        if not self.controller._is_active():
+            # Installed by a fit that ended abnormally: behave like the original.
+            self.model.train_function = self.original
+            if self.original is None:
+                return self.model.make_train_function()(iterator)
+            return self.original(iterator)
+        data = _drop_optionals(next(iterator))
+        rows = local_batch_rows(data, self.strategy)
+        micro = self.controller._micro_batch_size_for(data, rows, self)
+        while True:
+            saved = self.snapshot_state() if self.controller._retries_on_oom() else None
+            try:
+                return self._step(data, tf.constant(self.num_replicas * micro, tf.int32))
+            except OUT_OF_MEMORY_ERRORS:
+                if saved is None or micro <= 1:
+                    raise
+                self.restore_state(saved)
+                micro = self.controller._on_out_of_memory(micro, max(1, micro // 2))
+
+
+def _measured_device(strategy) -> str:
+    """The "TYPE:INDEX" name of the device whose allocator peak the probe reads."""
+    devices = getattr(strategy.extended, "worker_devices", None) or ()
+    if len(devices) > 0:
+        name = devices[0]
+    else:
+        gpus = tf.config.list_logical_devices("GPU")
+        name = gpus[0].name if gpus else "/device:CPU:0"
+    spec = tf.DeviceSpec.from_string(name)
+    return f"{spec.device_type}:{spec.device_index or 0}"
+
+
+def device_memory_limit(strategy) -> int | None:
+    """Memory in bytes of the device the probe measures; None where unknown (a CPU)."""
+    device = _measured_device(strategy)
+    kind, index = device.split(":")
+    if kind != "GPU":
+        return None
+    index = int(index)
+    physical = tf.config.list_physical_devices("GPU")
+    if physical:
+        configs = tf.config.get_logical_device_configuration(physical[0]) or []
+        if len(physical) == 1 and configs and index < len(configs):
+            limit = configs[index].memory_limit
+            if limit:
+                return int(limit) * 2**20
+    try:  # optional dependency: the card's total memory
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            return int(pynvml.nvmlDeviceGetMemoryInfo(handle).total)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # noqa: BLE001 - no NVML: the limit is unknown
+        return None

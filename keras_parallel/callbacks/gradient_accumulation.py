@@ -1,0 +1,305 @@
+"""`GradientAccumulation`: train on big batches one micro-batch at a time."""
+
+from __future__ import annotations
+
+import numbers
+import warnings
+from collections.abc import Callable
+
+from keras_parallel import accumulation_plan
+from keras_parallel._compat import IS_KERAS_3, backend_name, keras
+
+__all__ = ["GradientAccumulation"]
+
+_AUTO = "auto"
+
+
+def _num_replicas(model) -> int:
+    """Devices a keras_parallel DataParallel model splits each micro-batch over (1 otherwise)."""
+    return int(getattr(model, "_keras_parallel_num_replicas", 1))
+
+
+def _has_batch_normalization(model) -> bool:
+    seen, stack = set(), [model]
+    while stack:
+        layer = stack.pop()
+        if id(layer) in seen:
+            continue
+        seen.add(id(layer))
+        if isinstance(layer, keras.layers.BatchNormalization):
+            return True
+        stack.extend(getattr(layer, "layers", None) or [])
+        if not IS_KERAS_3:
+            stack.extend(
+                m for m in getattr(layer, "submodules", ()) if isinstance(m, keras.layers.Layer)
+            )
+    return False
+
+
+def _steps_per_execution(model):
+    value = getattr(model, "steps_per_execution", 1)
+    if hasattr(value, "numpy"):  # tf-keras keeps it in a variable
+        value = value.numpy().item()
+    return value
+
+
+def _accumulation_steps_of(optimizer) -> int | None:
+    """The optimizer's own accumulation (Keras 3 `gradient_accumulation_steps`), also wrapped."""
+    while optimizer is not None:
+        steps = getattr(optimizer, "gradient_accumulation_steps", None)
+        if steps:
+            return steps
+        optimizer = getattr(optimizer, "inner_optimizer", None)
+    return None
+
+
+class GradientAccumulation(keras.callbacks.Callback):
+    """Accumulates gradients over micro-batches so `fit` keeps its batch in less memory.
+
+    Each batch `fit` hands the model is cut into micro-batches of at most
+    `micro_batch_size` rows per device. Their gradients, each weighted by the
+    micro-batch's share of the batch, are summed and applied once per batch, so every
+    update is the one plain `fit` makes on the whole batch (for losses reduced with
+    the default `"sum_over_batch_size"`): sample and class weights, regularization
+    (counted once), `optimizer.iterations`, learning-rate schedules, clipping, weight
+    decay and mixed-precision loss scaling all behave as without accumulation. The
+    logged loss and metrics are those of the whole batch. Peak activation memory is
+    that of one micro-batch.
+
+    BatchNormalization layers see micro-batches, not the batch: the callback warns
+    once when that happens (see docs/accumulation.md for remedies).
+
+    With `micro_batch_size="auto"`, the size is planned at the first batch, before any
+    update: the peak memory of a forward and backward pass is measured at a few small
+    sizes (or taken from `memory_probe`), a line ``peak = a + b * m`` is fitted, and
+    the largest ``m`` with ``a + b * m <= memory_margin * limit`` is used, where the
+    limit is `memory_budget` or the device's memory. Where the limit is unknown (a
+    CPU) and no budget is given, the batch is kept whole. If a step still runs out of
+    memory (`tf.errors.ResourceExhaustedError`), the state it touched is restored, the
+    micro-batch is halved and the *same* batch is redone: nothing is skipped or applied
+    twice.
+
+    With a keras_parallel DataParallel model over n devices, each micro-batch is
+    itself split over the devices: a batch of B rows takes
+    ``ceil(B / (n * micro_batch_size))`` accumulation steps. Under a
+    `tf.distribute` strategy, `micro_batch_size` is per replica likewise.
+
+    The chosen size is in the attribute `micro_batch_size_` after training starts,
+    and in the epoch logs as `micro_batch_size`.
+
+    Works with Keras 3 on the TensorFlow backend and with tf-keras.
+
+    Args:
+        micro_batch_size: int or `"auto"`. Rows per device per micro-batch, or
+            `"auto"` to plan it from memory.
+        memory_budget: int or None. Bytes per device the `"auto"` plan may count on,
+            in place of the device's memory (needed to plan on a CPU). Defaults to
+            None.
+        memory_margin: float in (0, 1]. Share of the limit the `"auto"` plan may use.
+            Defaults to `0.8`.
+        memory_probe: callable or None. ``memory_probe(micro_batch_size) -> int``:
+            the peak bytes of one training step at that micro-batch size. None
+            measures it with TensorFlow's allocator statistics. Defaults to None.
+
+    Raises:
+        ValueError: for an invalid argument (at construction), and at the start of
+            training, before any data is read, for a model compiled with
+            `steps_per_execution > 1`, an optimizer that accumulates gradients
+            itself (`gradient_accumulation_steps`), an uncompiled model or a
+            backend other than TensorFlow.
+
+    Example:
+
+    ```python
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    model.fit(
+        x,
+        y,
+        batch_size=32,
+        callbacks=[keras_parallel.callbacks.GradientAccumulation(micro_batch_size=4)],
+    )
+    ```
+    """
+
+    def __init__(
+        self,
+        micro_batch_size: int | str,
+        memory_budget: int | None = None,
+        memory_margin: float = 0.8,
+        memory_probe: Callable[[int], int] | None = None,
+    ):
+        super().__init__()
+        if micro_batch_size != _AUTO and (
+            isinstance(micro_batch_size, bool)
+            or not isinstance(micro_batch_size, numbers.Integral)
+            or micro_batch_size <= 0
+        ):
+            raise ValueError(
+                "Invalid value for argument `micro_batch_size`. Expected a positive int "
+                f'or "auto". Received: micro_batch_size={micro_batch_size!r}'
+            )
+        if memory_budget is not None and (
+            isinstance(memory_budget, bool)
+            or not isinstance(memory_budget, numbers.Real)
+            or memory_budget <= 0
+        ):
+            raise ValueError(
+                "Invalid value for argument `memory_budget`. Expected a positive number "
+                f"of bytes or None. Received: memory_budget={memory_budget!r}"
+            )
+        if (
+            isinstance(memory_margin, bool)
+            or not isinstance(memory_margin, numbers.Real)
+            or not 0 < memory_margin <= 1
+        ):
+            raise ValueError(
+                "Invalid value for argument `memory_margin`. Expected a float in (0, 1]. "
+                f"Received: memory_margin={memory_margin!r}"
+            )
+        if memory_probe is not None and not callable(memory_probe):
+            raise ValueError(
+                "Invalid value for argument `memory_probe`. Expected a callable "
+                f"size -> peak bytes, or None. Received: memory_probe={memory_probe!r}"
+            )
+        self.micro_batch_size = (
+            micro_batch_size if micro_batch_size == _AUTO else int(micro_batch_size)
+        )
+        self.memory_budget = memory_budget
+        self.memory_margin = float(memory_margin)
+        self.memory_probe = memory_probe
+        self.micro_batch_size_ = None
+        self._active = False
+
+    # ------------------------------------------------------------------ train hooks
+    def _validate_model(self, model) -> None:
+        if IS_KERAS_3 and backend_name() != "tensorflow":
+            raise ValueError(
+                "GradientAccumulation needs the TensorFlow backend. Expected "
+                f'KERAS_BACKEND="tensorflow". Received: backend={backend_name()!r}'
+            )
+        if getattr(model, "optimizer", None) is None:
+            raise ValueError(
+                "GradientAccumulation needs a compiled model. Expected a model with an "
+                "optimizer. Received: optimizer=None"
+            )
+        steps = _steps_per_execution(model)
+        if steps != 1:
+            raise ValueError(
+                "Invalid value for argument `steps_per_execution` of `compile`. "
+                "GradientAccumulation expects steps_per_execution=1. "
+                f"Received: steps_per_execution={steps!r}"
+            )
+        accumulation = _accumulation_steps_of(model.optimizer)
+        if accumulation:
+            raise ValueError(
+                "Invalid value for argument `gradient_accumulation_steps` of the "
+                "optimizer. GradientAccumulation accumulates itself, so it expects "
+                "gradient_accumulation_steps=None. "
+                f"Received: gradient_accumulation_steps={accumulation!r}"
+            )
+
+    def on_train_begin(self, logs=None):
+        model = self.model
+        self._validate_model(model)
+        from keras_parallel._tensorflow.accumulation import AccumulatingTrainFunction
+
+        self.micro_batch_size_ = None if self.micro_batch_size == _AUTO else self.micro_batch_size
+        self._warned_batch_normalization = False
+        self._has_batch_normalization = _has_batch_normalization(model)
+        self._original_train_function = model.train_function
+        self._active = True
+        model.train_function = AccumulatingTrainFunction(
+            model,
+            controller=self,
+            num_replicas=_num_replicas(model),
+            original=self._original_train_function,
+        )
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None and self.micro_batch_size_ is not None:
+            logs["micro_batch_size"] = self.micro_batch_size_
+
+    def on_train_end(self, logs=None):
+        self._active = False
+        if self.model is not None and isinstance(
+            getattr(self.model, "train_function", None), _TrainFunctionType()
+        ):
+            self.model.train_function = self._original_train_function
+        self._original_train_function = None
+
+    # ------------------------------------------------- called by the train function
+    def _is_active(self) -> bool:
+        return self._active
+
+    def _retries_on_oom(self) -> bool:
+        return self.micro_batch_size == _AUTO
+
+    def _micro_batch_size_for(self, data, rows: int, train_function) -> int:
+        """The micro-batch size (per device) for a batch with `rows` rows on the first replica."""
+        replicas = train_function.num_replicas
+        rows_per_device = -(-rows // replicas) if rows else 0
+        if self.micro_batch_size_ is None:
+            self.micro_batch_size_ = self._plan(data, max(1, rows_per_device), train_function)
+        micro = self.micro_batch_size_
+        if (
+            self._has_batch_normalization
+            and not self._warned_batch_normalization
+            and micro < rows_per_device
+        ):
+            self._warned_batch_normalization = True
+            warnings.warn(
+                "The model has BatchNormalization layers, and GradientAccumulation "
+                f"feeds them micro-batches of {micro} rows per device instead of "
+                f"batches of {rows_per_device}: their statistics are per micro-batch. "
+                "See docs/accumulation.md for remedies (e.g. GroupNormalization, or "
+                "BatchNormalization(momentum=...) adjusted).",
+                stacklevel=2,
+            )
+        return micro
+
+    def _plan(self, data, rows_per_device: int, train_function) -> int:
+        """Plans the "auto" micro-batch size (per device) before the first update."""
+        from keras_parallel._tensorflow.accumulation import device_memory_limit
+
+        limit = self.memory_budget
+        if limit is None:
+            limit = device_memory_limit(self.model.distribute_strategy)
+        if limit is None:
+            return rows_per_device  # no known limit (a CPU): keep the batch whole
+        probe = self.memory_probe or train_function.make_probe(data)
+        if probe is None:
+            warnings.warn(
+                "GradientAccumulation(micro_batch_size=\"auto\") cannot measure memory "
+                "on this device (no allocator statistics), so it keeps the batch whole "
+                "and halves it only on out-of-memory errors. Pass `memory_probe` to plan.",
+                stacklevel=2,
+            )
+            return rows_per_device
+        from keras_parallel._tensorflow.accumulation import OUT_OF_MEMORY_ERRORS
+
+        points = []
+        for size in accumulation_plan.probe_sizes(rows_per_device):
+            try:
+                points.append((size, probe(size)))
+            except OUT_OF_MEMORY_ERRORS:
+                break
+        if not points:
+            return 1
+        return accumulation_plan.plan_micro_batch_size(
+            points, limit, rows_per_device, margin=self.memory_margin
+        )
+
+    def _on_out_of_memory(self, old: int, new: int) -> int:
+        warnings.warn(
+            f"GradientAccumulation: out of memory with micro-batches of {old} rows; "
+            f"redoing the same batch with {new}.",
+            stacklevel=2,
+        )
+        self.micro_batch_size_ = new
+        return new
+
+
+def _TrainFunctionType():
+    from keras_parallel._tensorflow.accumulation import AccumulatingTrainFunction
+
+    return AccumulatingTrainFunction

@@ -1,0 +1,5 @@
+"""Layers of keras_parallel."""
+
+from keras_parallel.layers.batch_slice import BatchSlice
+
+__all__ = ["BatchSlice"]

@@ -1,0 +1,281 @@
+"""`DataParallel`: a model that runs a template model on a slice of every batch per device."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+
+from keras_parallel import _ops
+from keras_parallel._compat import keras
+from keras_parallel.devices import resolve_devices
+from keras_parallel.layers.batch_slice import BatchSlice, validate_ratios
+from keras_parallel.layers.parallel_replicas import ParallelReplicas
+
+__all__ = ["DataParallel", "unwrap", "replicas", "custom_objects"]
+
+logger = logging.getLogger("keras_parallel")
+
+_warned_single_device = False
+
+
+def _walk_layers(model):
+    """Every layer inside `model`, depth first (public `.layers` only)."""
+    for layer in getattr(model, "layers", []):
+        yield layer
+        yield from _walk_layers(layer)
+        inner = getattr(layer, "layer", None)  # wrappers: Bidirectional, TimeDistributed
+        if inner is not None:
+            yield inner
+            yield from _walk_layers(inner)
+        for attr in ("forward_layer", "backward_layer", "cell"):
+            sub = getattr(layer, attr, None)
+            if sub is not None and hasattr(sub, "weights"):
+                yield sub
+
+
+def _check_template(model):
+    if not isinstance(model, keras.Model):
+        raise ValueError(
+            "Invalid value for argument `model`. Expected a Keras model. "
+            f"Received: model={model!r} of type {type(model).__name__}"
+        )
+    if not getattr(model, "inputs", None):
+        raise ValueError(
+            "Invalid value for argument `model`. Expected a model with known inputs (a "
+            "functional or Sequential model built from `keras.Input`). Received: model "
+            f"{model.name!r} has no inputs yet; build it with an Input layer first."
+        )
+    for tensor in model.inputs:
+        batch = tuple(tensor.shape)[0] if len(tensor.shape) else None
+        if batch is not None:
+            raise ValueError(
+                f"Invalid value for argument `model`. Input {tensor.name!r} has a fixed batch "
+                f"size ({batch}); DataParallel cuts every batch into slices of other sizes, so "
+                "the batch dimension must be None. Rebuild the model with "
+                "`keras.Input(shape=...)` instead of `batch_shape`/`batch_size`."
+            )
+    for layer in _walk_layers(model):
+        if getattr(layer, "stateful", False) is True:
+            raise ValueError(
+                f"Invalid value for argument `model`. Layer {layer.name!r} is stateful: its "
+                "state carries from one batch to the next row by row, which slicing every "
+                "batch across devices would break. Use stateful=False, or train it on one "
+                "device."
+            )
+
+
+def _resolve_split(split, devices: list[str]) -> list[float]:
+    n = len(devices)
+    if split is None or (isinstance(split, str) and split.lower() == "even"):
+        return [1.0] * n
+    if isinstance(split, str):
+        raise ValueError(
+            "Invalid value for argument `split`. Expected None, 'even', or a sequence of "
+            f"positive ratios, one per device. Received: split={split!r}"
+        )
+    ratios = validate_ratios(split, argument="split")
+    if len(ratios) != n:
+        raise ValueError(
+            "Invalid value for argument `split`. Expected one ratio per device "
+            f"({n} devices: {devices}). Received: split={list(split)!r}"
+        )
+    return ratios
+
+
+def _unique_output_names(names: Sequence[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    result = []
+    taken = set(names)
+    for name in names:
+        if name not in seen:
+            seen[name] = 0
+            result.append(name)
+            continue
+        count = seen[name]
+        while True:
+            count += 1
+            candidate = f"{name}_{count}"
+            if candidate not in taken:
+                break
+        seen[name] = count
+        taken.add(candidate)
+        result.append(candidate)
+    return result
+
+
+def DataParallel(
+    model,
+    devices: None | int | str | Sequence[str] = None,
+    split: None | str | Sequence[float] = None,
+    merge_device: str = "cpu",
+    name: str | None = None,
+):
+    """Returns a model that computes `model` on several devices, a slice of the batch each.
+
+    Every batch is cut along its first axis into one slice per device
+    (`BatchSlice`), the template `model` runs on each slice with its ops placed
+    on that device, and the outputs are concatenated back in order. All slices
+    share the template's variables (no copies), so training the returned model
+    trains `model`, and since the loss is computed on the concatenated outputs,
+    loss and gradient are the single-device ones (BatchNormalization and dropout
+    see per-slice batches: see docs/data_parallel.md).
+
+    The returned object is a plain functional `keras.Model`: compile, fit,
+    evaluate, predict and save it as usual. Its inputs and outputs carry the
+    template's names, so `compile(loss={name: ...})` and metrics written for the
+    template work unchanged. When the template has the same output name twice
+    (a Siamese model: one sub-model called twice), the repeats get the suffixes
+    `_1`, `_2`, ... (`["encoder", "encoder"]` becomes `["encoder", "encoder_1"]`).
+
+    Args:
+        model: a built Keras model with known inputs (functional or Sequential)
+            whose inputs have an unknown (None) batch size and no stateful layer.
+        devices: None, int, str or list of str. None: every visible GPU
+            (logical GPUs count); with none, the CPU. An int n: the first n
+            GPUs. A list: those devices (`"/gpu:0"`, `"GPU:1"`, `"/cpu:0"`).
+            Defaults to `None`.
+        split: None, `"even"` or a sequence of positive ratios, one per device
+            (`[2, 1]` gives the first device two thirds of each batch).
+            Defaults to `None` (even).
+        merge_device: str. Where outputs are concatenated: `"cpu"`, `"first"`
+            (the first device) or a device name. Defaults to `"cpu"`.
+        name: str or None. The returned model's name. Defaults to
+            `"<template name>_data_parallel"`.
+
+    Returns:
+        A functional `keras.Model`. `keras_parallel.unwrap(parallel)` gives the
+        template back; `keras_parallel.replicas(parallel)` the layer that holds
+        the devices, ratios and `slice_sizes(batch_size)`.
+
+    Raises:
+        ValueError: for a model that is not a built Keras model with known
+            inputs, a fixed batch size or a stateful layer; an unknown device
+            (the message lists the available ones); a `split` that does not give
+            one positive ratio per device.
+
+    Example:
+
+    ```python
+    import keras
+    import keras_parallel
+
+    inputs = keras.Input((16, 64, 64, 3))
+    x = keras.layers.Conv3D(8, 3, activation="relu")(inputs)
+    x = keras.layers.GlobalAveragePooling3D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(4, activation="softmax")(x))
+
+    parallel = keras_parallel.DataParallel(model, split=[2, 1])
+    parallel.compile("adam", "sparse_categorical_crossentropy")
+    # parallel.fit(clips, labels, batch_size=32)
+    # model.save("template.keras")  # the template holds the trained weights
+    ```
+    """
+    global _warned_single_device
+    _check_template(model)
+    resolved = resolve_devices(devices)
+    ratios = _resolve_split(split, resolved)
+    if len(resolved) == 1 and not _warned_single_device:
+        _warned_single_device = True
+        warnings.warn(
+            f"DataParallel found one device ({resolved[0]}): the model runs unsliced on it. "
+            "The same script uses every GPU where there are several.",
+            stacklevel=2,
+        )
+    split_value = None if split is None else (split if isinstance(split, str) else ratios)
+
+    inputs = _ops.map_structure(
+        lambda t: keras.Input(
+            shape=tuple(t.shape)[1:], dtype=t.dtype, name=_tensor_name(t), sparse=_sparse(t)
+        ),
+        model.input,
+    )
+    taken = {n for n in (_tensor_name(t) for t in model.inputs)}
+    output_names = _unique_output_names(list(model.output_names))
+    taken |= set(output_names)
+    core_name = "data_parallel"
+    while core_name in taken:
+        core_name += "_"
+    core = ParallelReplicas(
+        model,
+        devices=resolved,
+        ratios=ratios,
+        merge_device=merge_device,
+        split=split_value,
+        name=core_name,
+    )
+    merged = core(inputs)
+    flat = _ops.flatten(merged)
+    renamed = [
+        keras.layers.Identity(name=out_name)(tensor)
+        for out_name, tensor in zip(output_names, flat, strict=True)
+    ]
+    outputs = _ops.pack_sequence_as(merged, renamed)
+    parallel = keras.Model(inputs, outputs, name=name or f"{model.name}_data_parallel")
+    logger.info(
+        "DataParallel(%s): devices %s, ratios %s", model.name, core.placement, core.ratios
+    )
+    return parallel
+
+
+def _tensor_name(tensor) -> str:
+    history = getattr(tensor, "_keras_history", None)
+    if history is not None:
+        layer = history[0]
+        return layer.name
+    return tensor.name.split(":")[0]
+
+
+def _sparse(tensor) -> bool:
+    return bool(getattr(tensor, "sparse", False))
+
+
+def replicas(model) -> ParallelReplicas:
+    """Returns the `ParallelReplicas` layer of a `DataParallel` model.
+
+    It holds `devices`, `ratios`, `placement` (the devices used on this
+    machine), `num_replicas` and `slice_sizes(batch_size)`.
+
+    Raises:
+        ValueError: if `model` was not made by `DataParallel`.
+    """
+    for layer in getattr(model, "layers", []):
+        if isinstance(layer, ParallelReplicas):
+            return layer
+    raise ValueError(
+        "Invalid value for argument `model`. Expected a model made by "
+        f"`keras_parallel.DataParallel`. Received: {getattr(model, 'name', model)!r}"
+    )
+
+
+def unwrap(model):
+    """Returns the template of a `DataParallel` model; any other model unchanged.
+
+    The template holds the trained weights (they are the same variables), so
+    `unwrap(parallel).save("model.keras")` saves a single-device model that
+    loads anywhere without keras_parallel.
+    """
+    for layer in getattr(model, "layers", []):
+        if isinstance(layer, ParallelReplicas):
+            return layer.layer
+    return model
+
+
+def num_replicas(model) -> int:
+    """The number of devices a model's batches are cut across (1 for a plain model)."""
+    try:
+        return replicas(model).num_replicas
+    except ValueError:
+        return 1
+
+
+def custom_objects() -> dict:
+    """The classes a saved keras_parallel model may need, for `custom_objects=`.
+
+    They are also registered (package "keras_parallel"), so loading works
+    without it; pass it where registration is not enough (an older file, a
+    custom loader).
+    """
+    objects = {"BatchSlice": BatchSlice, "ParallelReplicas": ParallelReplicas}
+    objects.update({f"keras_parallel>{k}": v for k, v in list(objects.items())})
+    return objects
