@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
+_TOLERANCE = 1e-9
+
 __all__ = [
     "accumulation_steps",
     "micro_batch_sizes",
@@ -134,7 +136,9 @@ def largest_fitting_micro_batch(
         )
     if max_size is not None:
         _check_positive_int("max_size", max_size)
-    budget = margin * limit
+    # A relative tolerance keeps float rounding (0.8 * 2000, a fitted slope of
+    # 99.999999) from costing a row that fits exactly.
+    budget = margin * limit * (1 + _TOLERANCE)
     if slope <= 0:
         if max_size is None:
             raise ValueError(
@@ -142,7 +146,7 @@ def largest_fitting_micro_batch(
                 "needed. Expected `max_size`. Received: max_size=None"
             )
         return max_size
-    size = math.floor((budget - intercept) / slope)
+    size = math.floor((budget - intercept) / slope + _TOLERANCE)
     # Guard the float division: step down while the line says it does not fit.
     while size > 1 and intercept + slope * size > budget:
         size -= 1

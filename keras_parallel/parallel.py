@@ -46,6 +46,14 @@ def _check_template(model):
             "functional or Sequential model built from `keras.Input`). Received: model "
             f"{model.name!r} has no inputs yet; build it with an Input layer first."
         )
+    for layer in _walk_layers(model):
+        if getattr(layer, "stateful", False) is True:
+            raise ValueError(
+                f"Invalid value for argument `model`. Layer {layer.name!r} is stateful: its "
+                "state carries from one batch to the next row by row, which slicing every "
+                "batch across devices would break. Use stateful=False, or train it on one "
+                "device."
+            )
     for tensor in model.inputs:
         batch = tuple(tensor.shape)[0] if len(tensor.shape) else None
         if batch is not None:
@@ -54,14 +62,6 @@ def _check_template(model):
                 f"size ({batch}); DataParallel cuts every batch into slices of other sizes, so "
                 "the batch dimension must be None. Rebuild the model with "
                 "`keras.Input(shape=...)` instead of `batch_shape`/`batch_size`."
-            )
-    for layer in _walk_layers(model):
-        if getattr(layer, "stateful", False) is True:
-            raise ValueError(
-                f"Invalid value for argument `model`. Layer {layer.name!r} is stateful: its "
-                "state carries from one batch to the next row by row, which slicing every "
-                "batch across devices would break. Use stateful=False, or train it on one "
-                "device."
             )
 
 

@@ -87,6 +87,9 @@ def _state_variables(model):
     counter = getattr(model, "_train_counter", None)  # tf-keras
     if counter is not None:
         variables.append(counter)
+    iterations = getattr(model.optimizer, "iterations", None)
+    if iterations is not None:  # a scalar: cheap insurance against a double count
+        variables.append(iterations)
     unique, seen = [], set()
     for variable in variables:
         if id(variable) not in seen:
@@ -190,7 +193,11 @@ class AccumulatingTrainFunction:
         )
         if self._unscale_gradients is not None:
             grads = self._unscale_gradients(grads)
-        model.optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+        # Inside a graph, stateful ops run as soon as their inputs are ready: without
+        # this, `iterations.assign_add` (which needs no gradient) could run in a step
+        # that then fails out of memory, and a retry would count the update twice.
+        with tf.control_dependencies(grads):
+            model.optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
 
         if self._tracker is not None:
             # Keras 3's train_step logs the loss unscaled for distribution, per row.
@@ -300,8 +307,11 @@ class AccumulatingTrainFunction:
 
 def _measured_device(strategy) -> str:
     """The "TYPE:INDEX" name of the device whose allocator peak the probe reads."""
-    devices = getattr(strategy.extended, "worker_devices", None) or ()
-    if len(devices) > 0:
+    try:
+        devices = tuple(strategy.extended.worker_devices)
+    except (AttributeError, RuntimeError):  # the default strategy has none
+        devices = ()
+    if devices:
         name = devices[0]
     else:
         gpus = tf.config.list_logical_devices("GPU")

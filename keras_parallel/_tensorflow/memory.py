@@ -11,7 +11,7 @@ MIB = 2**20
 
 
 def _short(name: str) -> str:
-    """"/device:GPU:0" -> "GPU:0", the form `get_memory_info` takes."""
+    """ "/device:GPU:0" -> "GPU:0", the form `get_memory_info` takes."""
     return canonical_device_name(name).replace("/device:", "")
 
 

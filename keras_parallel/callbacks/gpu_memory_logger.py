@@ -22,7 +22,7 @@ __all__ = ["GPUMemoryLogger"]
 
 
 def _prefix(device: str) -> str:
-    """"/device:GPU:1" -> "gpu1"."""
+    """ "/device:GPU:1" -> "gpu1"."""
     _, kind, index = canonical_device_name(device).split(":")
     return f"{kind.lower()}{index}"
 
@@ -162,9 +162,7 @@ class GPUMemoryLogger(keras.callbacks.Callback):
                 "`pip install 'keras-parallel[plot]'` or leave `plot_path=None`."
             )
         self.every_n_batches = None if every_n_batches is None else int(every_n_batches)
-        self.headroom_threshold = (
-            None if headroom_threshold is None else float(headroom_threshold)
-        )
+        self.headroom_threshold = None if headroom_threshold is None else float(headroom_threshold)
         self.plot_path = None if plot_path is None else os.fspath(plot_path)
         self.devices = devices
         self.source = source

@@ -105,6 +105,16 @@ class ParallelReplicas(keras.layers.Wrapper):
         self._guard_empty = _has_non_trainable_state(layer)
 
     @property
+    def metrics(self):
+        # A compiled template's loss tracker and metrics belong to the template's own
+        # `fit`; listing them here would shadow the parallel model's keys in the logs.
+        found = []
+        for layer in getattr(self.layer, "layers", []):
+            if not isinstance(layer, keras.Model):
+                found.extend(layer.metrics)
+        return found
+
+    @property
     def num_replicas(self) -> int:
         """The number of slices (devices)."""
         return len(self.ratios)

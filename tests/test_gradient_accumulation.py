@@ -1,0 +1,293 @@
+"""GradientAccumulation: exact updates, logging, BN warning, loss scaling, "auto", faults."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_parallel._compat import IS_KERAS_3, keras
+from keras_parallel.callbacks import GradientAccumulation
+from helpers import assert_weights_close
+
+N_SAMPLES = 70  # batch 32: batches of 32, 32 and a partial 6
+RNG = np.random.default_rng(0)
+X = RNG.normal(size=(N_SAMPLES, 5)).astype("float32")
+Y = RNG.integers(0, 3, size=(N_SAMPLES,))
+SW = RNG.uniform(0.2, 3.0, size=(N_SAMPLES,)).astype("float32")
+
+
+class RowRecorder(keras.layers.Layer):
+    """Identity that counts the rows it sees, records the largest call, and (above
+    `limit` rows) raises a real allocator `ResourceExhaustedError` (PRIOR_ART.md)."""
+
+    def __init__(self, limit=None, **kwargs):
+        super().__init__(**kwargs)
+        self.limit = limit
+
+    def build(self, input_shape):
+        self.seen = self.add_weight(
+            shape=(), initializer="zeros", trainable=False, name="seen", dtype="float32"
+        )
+        self.largest = self.add_weight(
+            shape=(), initializer="zeros", trainable=False, name="largest", dtype="float32"
+        )
+
+    def call(self, x):
+        rows = tf.cast(tf.shape(x)[0], "float32")
+        self.seen.assign_add(rows)
+        self.largest.assign(tf.maximum(self.largest, rows))
+        if self.limit is None:
+            return x
+
+        def explode():
+            huge = tf.fill([2**30, 512], tf.reduce_sum(x) * 0.0)  # 2 TiB: the allocator fails
+            return x + tf.reduce_sum(huge)
+
+        return tf.cond(tf.shape(x)[0] > self.limit, explode, lambda: x)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
+def _model(batch_norm=False, recorder=None, seed=0):
+    keras.utils.set_random_seed(seed)
+    layers = [keras.Input((5,))]
+    if recorder is not None:
+        layers.append(recorder)
+    layers.append(
+        keras.layers.Dense(8, activation="tanh", kernel_regularizer=keras.regularizers.l2(0.01))
+    )
+    if batch_norm:
+        layers.append(keras.layers.BatchNormalization())
+    layers.append(keras.layers.Dense(3))
+    return keras.Sequential(layers)
+
+
+def _optimizer(name):
+    opt = keras.optimizers
+    return {
+        "sgd": lambda: opt.SGD(0.1),
+        "momentum": lambda: opt.SGD(0.1, momentum=0.9),
+        "adam": lambda: opt.Adam(0.01),
+        "adamw": lambda: opt.AdamW(0.01, weight_decay=0.1),
+        "clipnorm": lambda: opt.SGD(0.5, clipnorm=0.05),
+        # Halves per update: counting micro-steps would show at once.
+        "schedule": lambda: opt.SGD(opt.schedules.ExponentialDecay(0.2, 1, 0.5)),
+    }[name]()
+
+
+def _train(callbacks, optimizer="sgd", model=None, epochs=2, batch_size=32, n=N_SAMPLES, **fit):
+    model = model or _model()
+    model.compile(
+        optimizer=_optimizer(optimizer) if isinstance(optimizer, str) else optimizer,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    history = model.fit(
+        X[:n],
+        Y[:n],
+        batch_size=batch_size,
+        epochs=epochs,
+        shuffle=False,
+        verbose=0,
+        callbacks=callbacks,
+        **fit,
+    )
+    return model, history.history
+
+
+def _assert_same_training(accumulated, plain, rtol=1e-5):
+    (model_a, hist_a), (model_p, hist_p) = accumulated, plain
+    # Trainable weights: RowRecorder's counters record how the rows arrived.
+    trainable_a = [np.asarray(w) for w in model_a.trainable_weights]
+    trainable_p = [np.asarray(w) for w in model_p.trainable_weights]
+    assert_weights_close(trainable_a, trainable_p, rtol=rtol)
+    np.testing.assert_allclose(hist_a["loss"], hist_p["loss"], rtol=1e-6)
+    np.testing.assert_allclose(hist_a["accuracy"], hist_p["accuracy"], rtol=1e-6)
+    assert int(model_a.optimizer.iterations.numpy()) == int(model_p.optimizer.iterations.numpy())
+
+
+CASES = {
+    "sgd": dict(optimizer="sgd"),
+    "momentum": dict(optimizer="momentum"),
+    "adam": dict(optimizer="adam"),
+    "adamw_weight_decay": dict(optimizer="adamw"),
+    "clipnorm": dict(optimizer="clipnorm"),
+    "lr_schedule": dict(optimizer="schedule"),
+    "sample_weights": dict(optimizer="adam", sample_weight=SW),
+    "class_weights": dict(optimizer="momentum", class_weight={0: 0.5, 1: 2.0, 2: 1.0}),
+    "full_batches_only": dict(optimizer="adam", n=64),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_updates_and_logged_loss_equal_plain_fit(case):
+    # Micro-batches of 5: 32 rows -> 6 x 5 + 2, the partial last batch of 6 -> 5 + 1.
+    kwargs = CASES[case]
+    plain = _train([], **kwargs)
+    accumulated = _train([GradientAccumulation(micro_batch_size=5)], **kwargs)
+    _assert_same_training(accumulated, plain)
+    assert accumulated[1]["micro_batch_size"] == [5, 5]
+
+
+def test_train_function_is_restored_after_fit():
+    callback = GradientAccumulation(4)
+    model, _ = _train([callback], epochs=1)
+    assert type(model.train_function).__name__ != "AccumulatingTrainFunction"
+    before = int(model.optimizer.iterations.numpy())
+    model.fit(X, Y, batch_size=32, epochs=1, verbose=0)
+    assert int(model.optimizer.iterations.numpy()) == before + 3
+    # The instance is reusable: a second fit resets its state.
+    model.fit(X, Y, batch_size=32, epochs=1, verbose=0, callbacks=[callback])
+    assert callback.micro_batch_size_ == 4
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, "big", True, None, [4]])
+def test_invalid_micro_batch_size_raises(bad):
+    with pytest.raises(ValueError, match="Invalid value for argument `micro_batch_size`"):
+        GradientAccumulation(micro_batch_size=bad)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(memory_budget=-1), "memory_budget"),
+        (dict(memory_margin=1.5), "memory_margin"),
+        (dict(memory_probe=3), "memory_probe"),
+    ],
+)
+def test_invalid_auto_arguments_raise(kwargs, name):
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        GradientAccumulation("auto", **kwargs)
+
+
+def _assert_rejected_before_training(model, match):
+    recorder = model.layers[0]
+    before = model.get_weights()
+    with pytest.raises(ValueError, match=match):
+        model.fit(X, Y, batch_size=32, epochs=1, verbose=0, callbacks=[GradientAccumulation(4)])
+    assert float(recorder.seen.numpy()) == 0.0  # no batch reached the model
+    assert_weights_close(model.get_weights(), before, rtol=0)
+
+
+def test_steps_per_execution_above_one_is_rejected_before_any_data():
+    model = _model(recorder=RowRecorder())
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy", steps_per_execution=2)
+    _assert_rejected_before_training(model, "steps_per_execution")
+
+
+@pytest.mark.skipif(not IS_KERAS_3, reason="tf-keras optimizers do not accumulate")
+def test_optimizer_that_accumulates_is_rejected_before_any_data():
+    model = _model(recorder=RowRecorder())
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.1, gradient_accumulation_steps=2),
+        loss="sparse_categorical_crossentropy",
+    )
+    _assert_rejected_before_training(model, "gradient_accumulation_steps")
+
+
+def test_batch_normalization_warns_once_when_it_sees_micro_batches():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _train([GradientAccumulation(8)], model=_model(batch_norm=True))
+    messages = [str(w.message) for w in caught if "BatchNormalization" in str(w.message)]
+    assert len(messages) == 1
+    assert "docs/accumulation.md" in messages[0]
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _train([GradientAccumulation(32)], model=_model(batch_norm=True))
+    assert not [w for w in caught if "BatchNormalization" in str(w.message)]
+
+
+def _loss_scale_optimizer():
+    if IS_KERAS_3:
+        return keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1))
+    return keras.mixed_precision.LossScaleOptimizer(keras.optimizers.SGD(0.1))
+
+
+def _loss_scale(optimizer):
+    value = optimizer.dynamic_scale if IS_KERAS_3 else optimizer.loss_scale
+    return float(np.asarray(value))
+
+
+def test_non_finite_micro_batch_skips_the_update_and_adapts_the_loss_scale():
+    x = X.copy()
+    x[40, 2] = np.inf  # second batch, micro-batch [40, 45): its gradients are not finite
+    results = []
+    for callbacks in ([], [GradientAccumulation(5)]):
+        model = _model()
+        model.compile(
+            optimizer=_loss_scale_optimizer(),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        model.fit(x, Y, batch_size=32, epochs=1, shuffle=False, verbose=0, callbacks=callbacks)
+        results.append((model.get_weights(), _loss_scale(model.optimizer)))
+    (accumulated, scale_a), (plain, scale_p) = results
+    assert_weights_close(accumulated, plain)
+    assert scale_a == scale_p < 2.0**15  # halved once from the initial scale
+
+
+def test_auto_keeps_the_batch_whole_without_a_memory_limit():
+    callback = GradientAccumulation("auto")
+    _, history = _train([callback], epochs=1)
+    assert callback.micro_batch_size_ == 32
+    assert history["micro_batch_size"] == [32]
+
+
+def test_auto_plans_from_an_injected_probe_and_budget():
+    measured = []
+
+    def probe(micro_batch_size):
+        measured.append(micro_batch_size)
+        return 1000 + 100 * micro_batch_size
+
+    callback = GradientAccumulation("auto", memory_budget=2000, memory_probe=probe)
+    accumulated = _train([callback], optimizer="adam")
+    # (0.8 * 2000 - 1000) / 100 = 6 rows, planned once, from small sizes.
+    assert callback.micro_batch_size_ == 6
+    assert measured and max(measured) <= 8 and len(measured) == len(set(measured))
+    _assert_same_training(accumulated, _train([], optimizer="adam"))
+
+
+def test_out_of_memory_halves_and_redoes_the_same_batch():
+    # Above 8 rows, RowRecorder raises a real ResourceExhaustedError. "auto" on a CPU
+    # starts with the whole batch of 32 and must halve twice, on the same batch.
+    callback = GradientAccumulation("auto")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        accumulated = _train([callback], optimizer="adam", model=_model(recorder=RowRecorder(8)))
+    plain = _train([], optimizer="adam", model=_model(recorder=RowRecorder()))
+    assert callback.micro_batch_size_ == 8
+    assert sum("out of memory" in str(w.message) for w in caught) == 2
+    model_a, model_p = accumulated[0], plain[0]
+    # Every sample used exactly once per epoch: the failed tries were rolled back.
+    assert float(model_a.layers[0].seen.numpy()) == 2 * N_SAMPLES
+    assert float(model_p.layers[0].seen.numpy()) == 2 * N_SAMPLES
+    assert float(model_a.layers[0].largest.numpy()) == 8
+    _assert_same_training(accumulated, plain)
+
+
+def test_data_parallel_models_take_micro_batches_of_n_devices_rows():
+    # A DataParallel model over n devices takes n * micro_batch_size rows per micro
+    # step: ceil(32 / (2 * 4)) = 4 steps per batch.
+    model = _model(recorder=RowRecorder())
+    model._keras_parallel_num_replicas = 2
+    accumulated = _train([GradientAccumulation(4)], model=model, optimizer="momentum")
+    assert float(model.layers[0].largest.numpy()) == 8
+    plain = _train([], model=_model(recorder=RowRecorder()), optimizer="momentum")
+    _assert_same_training(accumulated, plain)
+
+
+def test_mirrored_strategy_gives_the_weights_of_a_single_device():
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        # 64 rows, batches of 16 (8 per replica): micro-batches of 3 -> 3 + 3 + 2.
+        accumulated = _train(
+            [GradientAccumulation(3)], optimizer="momentum", n=64, batch_size=16
+        )
+    plain = _train([], optimizer="momentum", n=64, batch_size=16)
+    _assert_same_training(accumulated, plain)

@@ -1,0 +1,192 @@
+"""Memory probes: CUDA_VISIBLE_DEVICES mapping, NVML, host RSS, TensorFlow limits."""
+
+from __future__ import annotations
+
+import ast
+import os
+import sys
+import types
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from keras_parallel import memory
+from keras_parallel._compat import backend_name
+from keras_parallel.memory import (
+    MIB,
+    HostSource,
+    MemoryReading,
+    NVMLSource,
+    device_memory_limit,
+    map_visible_to_physical,
+    parse_cuda_visible_devices,
+)
+
+UUIDS = [
+    "GPU-aaaa1111-0000-0000-0000-000000000000",
+    "GPU-bbbb2222-0000-0000-0000-000000000000",
+    "GPU-cccc3333-0000-0000-0000-000000000000",
+]
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (None, None),
+        ("", []),
+        ("-1", []),
+        ("0", [0]),
+        ("2, 0", [2, 0]),
+        ("1,-1,0", [1]),
+        ("1,1,0", [1]),
+        ("0,,1", [0]),
+        ("GPU-bbbb2222,0", ["GPU-bbbb2222", 0]),
+    ],
+)
+def test_parse_cuda_visible_devices(value, expected):
+    assert parse_cuda_visible_devices(value) == expected
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (None, [0, 1, 2]),
+        ("2,0", [2, 0]),
+        ("5", []),  # no such card: CUDA sees nothing
+        ("1,7,0", [1]),  # enumeration stops at the first bad entry
+        ("GPU-cccc3333-0000-0000-0000-000000000000", [2]),
+        ("GPU-bbbb", [1]),  # a unique prefix is enough
+        ("bbbb2222,0", [1, 0]),
+        ("GPU-0", []),  # matches no card
+        ("MIG-1234-5678,2", [None, 2]),  # a MIG instance: no whole-card figures
+    ],
+)
+def test_map_visible_to_physical(value, expected):
+    assert map_visible_to_physical(parse_cuda_visible_devices(value), UUIDS) == expected
+
+
+@given(st.permutations(list(range(8))).flatmap(lambda p: st.integers(0, 8).map(lambda n: p[:n])))
+def test_index_lists_map_to_themselves(indices):
+    value = ",".join(str(i) for i in indices)
+    uuids = [f"GPU-{i:04d}" for i in range(8)]
+    assert map_visible_to_physical(parse_cuda_visible_devices(value), uuids) == indices
+
+
+def _fake_pynvml(used_by_index, total=16 * 2**30):
+    module = types.SimpleNamespace()
+    module.nvmlInit = lambda: None
+    module.nvmlDeviceGetCount = lambda: len(used_by_index)
+    module.nvmlDeviceGetHandleByIndex = lambda i: i
+    module.nvmlDeviceGetUUID = lambda handle: UUIDS[handle].encode()
+    module.nvmlDeviceGetMemoryInfo = lambda handle: types.SimpleNamespace(
+        used=used_by_index[handle], total=total, free=total - used_by_index[handle]
+    )
+    return module
+
+
+def test_nvml_source_maps_framework_index_through_cuda_visible_devices(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml([1 * MIB, 2 * MIB, 3 * MIB]))
+    source = NVMLSource(cuda_visible_devices="2,GPU-aaaa")
+    assert source.devices() == ["/device:GPU:0", "/device:GPU:1"]
+    assert source.read("/gpu:0") == MemoryReading(3 * MIB, 3 * MIB, 16 * 2**30)
+    assert source.read("GPU:1").current_bytes == 1 * MIB
+    assert source.reset_peak("/gpu:0") is False
+    with pytest.raises(ValueError, match="no whole-card figures"):
+        source.read("/gpu:2")
+
+
+def test_nvml_source_reads_the_environment(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml([1 * MIB, 2 * MIB, 3 * MIB]))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    source = NVMLSource()
+    assert source.devices() == ["/device:GPU:0"]
+    assert source.read("/gpu:0").current_bytes == 2 * MIB
+
+
+def test_nvml_source_without_pynvml_or_driver_is_empty(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # import fails
+    source = NVMLSource()
+    assert source.devices() == []
+    assert "pynvml" in source.error
+    broken = _fake_pynvml([0])
+
+    def no_driver():
+        raise RuntimeError("NVML Shared Library Not Found")
+
+    broken.nvmlInit = no_driver
+    monkeypatch.setitem(sys.modules, "pynvml", broken)
+    assert NVMLSource().devices() == []
+
+
+def test_host_source_reads_rss():
+    import psutil
+
+    reading = HostSource().read("host")
+    assert reading.current_bytes == reading.peak_bytes
+    assert abs(reading.current_bytes - psutil.Process().memory_info().rss) < 256 * MIB
+    assert reading.limit_bytes is None
+
+
+def test_default_source_on_cpu_has_no_devices_and_cpu_read_raises():
+    source = memory.default_source()
+    assert source.devices() == []
+    if backend_name() == "tensorflow":
+        # Without TF_CPU_ALLOCATOR_USE_BFC the CPU has no allocator statistics.
+        with pytest.raises(ValueError):
+            source.read("/cpu:0")
+
+
+def test_device_memory_limit_is_none_on_cpu_and_missing_gpu():
+    assert device_memory_limit("/cpu:0") is None
+    assert device_memory_limit("/gpu:0") is None
+    with pytest.raises(ValueError):
+        device_memory_limit("not a device")
+
+
+@pytest.mark.skipif(backend_name() != "tensorflow", reason="TensorFlow layout")
+def test_tensorflow_logical_limits_and_physical_mapping(monkeypatch):
+    import tensorflow as tf
+
+    from keras_parallel._tensorflow import memory as tf_memory
+
+    gpus = ["physical0", "physical1"]
+    configs = {
+        "physical0": [
+            tf.config.LogicalDeviceConfiguration(memory_limit=1024),
+            tf.config.LogicalDeviceConfiguration(memory_limit=2048),
+        ],
+        "physical1": None,
+    }
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: gpus)
+    monkeypatch.setattr(tf.config, "get_logical_device_configuration", configs.get)
+    monkeypatch.setattr(tf_memory, "nvml_total_bytes", lambda index: 24 * 2**30 + index)
+    assert tf_memory.logical_gpu_layout() == [(0, 1024 * MIB), (0, 2048 * MIB), (1, None)]
+    assert device_memory_limit("/gpu:0") == 1024 * MIB
+    assert device_memory_limit("GPU:1") == 2048 * MIB
+    assert device_memory_limit("/gpu:2") == 24 * 2**30 + 1  # card total of physical GPU 1
+    assert device_memory_limit("/gpu:3") is None
+    source = tf_memory.TensorFlowSource()
+    assert source.physical_device("/gpu:1") == "/device:GPU:0"
+    assert source.physical_device("/gpu:2") == "/device:GPU:1"
+
+
+@pytest.mark.parametrize(
+    "path", ["keras_parallel/memory.py", "keras_parallel/callbacks/gpu_memory_logger.py"]
+)
+def test_backend_libraries_are_imported_lazily(path):
+    """Importing these modules must not import TensorFlow, JAX, torch or pynvml.
+
+    Under ``KERAS_BACKEND=jax`` or ``torch`` TensorFlow may not be installed.
+    """
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, path)) as f:
+        tree = ast.parse(f.read())
+    imported = set()
+    for node in tree.body:  # module level only; imports inside functions are lazy
+        if isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            imported.add(node.module)
+    heavy = ("tensorflow", "jax", "torch", "pynvml", "keras_parallel._tensorflow")
+    assert not [name for name in imported if name.startswith(heavy)]
