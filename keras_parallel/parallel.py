@@ -11,6 +11,7 @@ from keras_parallel._compat import keras
 from keras_parallel.devices import resolve_devices
 from keras_parallel.layers.batch_slice import BatchSlice, validate_ratios
 from keras_parallel.layers.parallel_replicas import ParallelReplicas
+from keras_parallel.probes import DeviceProbe, split_ratios
 
 __all__ = ["DataParallel", "unwrap", "replicas", "custom_objects"]
 
@@ -65,22 +66,54 @@ def _check_template(model):
             )
 
 
-def _resolve_split(split, devices: list[str]) -> list[float]:
+_MEASURED = ("memory", "speed")
+
+
+def _resolve_split(split, devices: list[str], model, probe) -> tuple[list[float], dict | None]:
+    """Ratios for `split`, and the measured figures behind them (None when given)."""
     n = len(devices)
     if split is None or (isinstance(split, str) and split.lower() == "even"):
-        return [1.0] * n
+        if n > 1:
+            _warn_if_unequal(devices, probe)
+        return [1.0] * n, None
     if isinstance(split, str):
-        raise ValueError(
-            "Invalid value for argument `split`. Expected None, 'even', or a sequence of "
-            f"positive ratios, one per device. Received: split={split!r}"
-        )
+        if split.lower() not in _MEASURED:
+            raise ValueError(
+                "Invalid value for argument `split`. Expected None, 'even', 'memory', "
+                "'speed', or a sequence of positive ratios, one per device. "
+                f"Received: split={split!r}"
+            )
+        ratios, figures = split_ratios(split.lower(), devices, model=model, probe=probe)
+        if ratios is None:
+            warnings.warn(
+                f"split={split!r}: no usable figure for {[d for d, v in figures.items() if not v]}"
+                f" (figures: {figures}); using an even split. On a CPU, give ratios "
+                "(split=[2, 1]) instead.",
+                stacklevel=3,
+            )
+            return [1.0] * n, figures
+        return ratios, figures
     ratios = validate_ratios(split, argument="split")
     if len(ratios) != n:
         raise ValueError(
             "Invalid value for argument `split`. Expected one ratio per device "
             f"({n} devices: {devices}). Received: split={list(split)!r}"
         )
-    return ratios
+    return ratios, None
+
+
+def _warn_if_unequal(devices: list[str], probe) -> None:
+    limits = [probe.memory_limit(d) for d in devices]
+    if any(v is None for v in limits) or min(limits) <= 0:
+        return
+    if max(limits) > 1.25 * min(limits):
+        mib = {d: round(v / 2**20) for d, v in zip(devices, limits, strict=True)}
+        warnings.warn(
+            f"The devices differ in memory by more than 25% ({mib} MiB) and the split is "
+            "even, so the larger ones sit partly idle. Use DataParallel(model, "
+            "split='memory') (or split='speed', or explicit ratios).",
+            stacklevel=3,
+        )
 
 
 def _unique_output_names(names: Sequence[str]) -> list[str]:
@@ -110,6 +143,8 @@ def DataParallel(
     split: None | str | Sequence[float] = None,
     merge_device: str = "cpu",
     name: str | None = None,
+    *,
+    probe: DeviceProbe | None = None,
 ):
     """Returns a model that computes `model` on several devices, a slice of the batch each.
 
@@ -135,13 +170,24 @@ def DataParallel(
             (logical GPUs count); with none, the CPU. An int n: the first n
             GPUs. A list: those devices (`"/gpu:0"`, `"GPU:1"`, `"/cpu:0"`).
             Defaults to `None`.
-        split: None, `"even"` or a sequence of positive ratios, one per device
-            (`[2, 1]` gives the first device two thirds of each batch).
-            Defaults to `None` (even).
+        split: None, `"even"`, `"memory"`, `"speed"`, or a sequence of
+            positive ratios, one per device (`[2, 1]` gives the first device
+            two thirds of each batch). `"memory"` weighs devices by their usable
+            memory (a configured logical-device limit, else the card's total);
+            `"speed"` times a few forward/backward passes of `model` on each
+            device and weighs by samples/s. Measured splits are resolved once,
+            here, logged, stored in the model's config (a reloaded model reuses
+            them) and readable as `keras_parallel.replicas(parallel).ratios`.
+            A device without a memory figure (a CPU) falls back to even, with a
+            warning. Defaults to `None` (even; with a warning when GPUs differ
+            in memory by more than 25%).
         merge_device: str. Where outputs are concatenated: `"cpu"`, `"first"`
             (the first device) or a device name. Defaults to `"cpu"`.
         name: str or None. The returned model's name. Defaults to
             `"<template name>_data_parallel"`.
+        probe: `keras_parallel.probes.DeviceProbe` or None. What measures
+            memory and speed for `split="memory"`/`"speed"`; inject one to use
+            known figures. Defaults to `DeviceProbe()`.
 
     Returns:
         A functional `keras.Model`. `keras_parallel.unwrap(parallel)` gives the
@@ -174,7 +220,8 @@ def DataParallel(
     global _warned_single_device
     _check_template(model)
     resolved = resolve_devices(devices)
-    ratios = _resolve_split(split, resolved)
+    probe = probe or DeviceProbe()
+    ratios, figures = _resolve_split(split, resolved, model, probe)
     if len(resolved) == 1 and not _warned_single_device:
         _warned_single_device = True
         warnings.warn(
@@ -202,6 +249,7 @@ def DataParallel(
         ratios=ratios,
         merge_device=merge_device,
         split=split_value,
+        split_figures=figures,
         name=core_name,
     )
     merged = core(inputs)
@@ -213,7 +261,12 @@ def DataParallel(
     outputs = _ops.pack_sequence_as(merged, renamed)
     parallel = keras.Model(inputs, outputs, name=name or f"{model.name}_data_parallel")
     logger.info(
-        "DataParallel(%s): devices %s, ratios %s", model.name, core.placement, core.ratios
+        "DataParallel(%s): devices %s, split %r, ratios %s%s",
+        model.name,
+        core.placement,
+        split_value,
+        core.ratios,
+        f" (measured: {figures})" if figures else "",
     )
     return parallel
 

@@ -50,6 +50,9 @@ class ParallelReplicas(keras.layers.Wrapper):
         split: str, list or None. The `split` the user asked `DataParallel`
             for (`"even"`, `"memory"`, `"speed"` or ratios), kept for
             reference; `ratios` is what is applied. Defaults to `None`.
+        split_figures: dict or None. The figures a measured split was
+            computed from (bytes or samples/s per device), kept for reference.
+            Defaults to `None`.
         **kwargs: base layer keyword arguments, such as `name`.
 
     Call arguments:
@@ -58,7 +61,14 @@ class ParallelReplicas(keras.layers.Wrapper):
     """
 
     def __init__(
-        self, layer, devices, ratios=None, merge_device="cpu", split=None, **kwargs
+        self,
+        layer,
+        devices,
+        ratios=None,
+        merge_device="cpu",
+        split=None,
+        split_figures=None,
+        **kwargs,
     ):
         super().__init__(layer, **kwargs)
         if isinstance(devices, str) or not devices:
@@ -92,6 +102,7 @@ class ParallelReplicas(keras.layers.Wrapper):
         self.ratios = ratios
         self.merge_device = merge_device
         self.split = split
+        self.split_figures = None if split_figures is None else dict(split_figures)
         self.placement = resolved
         if merge_device.lower() == "cpu":
             self._merge_on = "/device:CPU:0"
@@ -187,4 +198,5 @@ class ParallelReplicas(keras.layers.Wrapper):
             "ratios": list(self.ratios),
             "merge_device": self.merge_device,
             "split": self.split,
+            "split_figures": self.split_figures,
         }

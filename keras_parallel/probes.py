@@ -1,0 +1,75 @@
+"""Probes that size `DataParallel` slices from the devices: memory and speed."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from keras_parallel._compat import backend_name
+
+__all__ = ["DeviceProbe", "split_ratios"]
+
+
+@dataclass
+class DeviceProbe:
+    """Measures what `split="memory"` and `split="speed"` weigh devices by.
+
+    Replace it (or subclass it) to inject figures, e.g. in tests or to reuse
+    figures measured elsewhere.
+
+    Args:
+        speed_batch_size: int. Rows of the generated batch timed per device
+            for `split="speed"`. Defaults to `4`.
+        speed_repeats: int. Timed passes per device (the median counts).
+            Defaults to `3`.
+    """
+
+    speed_batch_size: int = 4
+    speed_repeats: int = 3
+
+    def memory_limit(self, device: str) -> int | None:
+        """Usable bytes on `device`, or None when unknown (a CPU)."""
+        from keras_parallel.memory import device_memory_limit
+
+        return device_memory_limit(device)
+
+    def throughput(self, model, device: str) -> float:
+        """Samples/s of a forward and backward pass of `model` on `device`."""
+        if backend_name() != "tensorflow":
+            raise NotImplementedError(
+                f"split='speed' is measured on the TensorFlow backend only; the Keras "
+                f"backend here is {backend_name()!r}. Pass explicit ratios instead."
+            )
+        from keras_parallel._tensorflow.probes import measure_throughput
+
+        return measure_throughput(
+            model, device, batch_size=self.speed_batch_size, repeats=self.speed_repeats
+        )
+
+
+def _normalise(values: Sequence[float]) -> list[float]:
+    smallest = min(values)
+    return [round(v / smallest, 4) for v in values]
+
+
+def split_ratios(
+    split: str, devices: Sequence[str], model=None, probe: DeviceProbe | None = None
+) -> tuple[list[float] | None, dict]:
+    """Measures the ratios for `split="memory"` or `split="speed"`.
+
+    Returns:
+        ``(ratios, figures)``: ratios normalised so the smallest is 1 (or None
+        when a figure is missing: a device without a known memory limit), and
+        the raw figures per device (bytes or samples/s).
+    """
+    probe = probe or DeviceProbe()
+    if split == "memory":
+        figures = {d: probe.memory_limit(d) for d in devices}
+    elif split == "speed":
+        figures = {d: probe.throughput(model, d) for d in devices}
+    else:
+        raise ValueError(f"Unknown measured split {split!r}")
+    values = list(figures.values())
+    if any(v is None or v <= 0 for v in values):
+        return None, figures
+    return _normalise(values), figures

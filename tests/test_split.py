@@ -1,0 +1,104 @@
+"""split="memory" / "speed": resolution from injected probes, warnings, config round-trip."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import numpy as np
+import pytest
+from helpers import assert_save_load_same_outputs
+
+import keras_parallel
+from keras_parallel import DataParallel
+from keras_parallel._compat import keras
+from keras_parallel.probes import DeviceProbe
+
+CPU2 = ["/cpu:0", "/cpu:1"]
+GIB = 2**30
+
+
+class FakeProbe(DeviceProbe):
+    def __init__(self, memory=None, speed=None):
+        super().__init__()
+        self.memory = memory or {}
+        self.speed = speed or {}
+        self.calls = 0
+
+    def memory_limit(self, device):
+        self.calls += 1
+        return self.memory.get(device)
+
+    def throughput(self, model, device):
+        self.calls += 1
+        return self.speed[device]
+
+
+def small_model():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((5,))
+    return keras.Model(inputs, keras.layers.Dense(2)(inputs))
+
+
+def test_memory_split_12_and_6_gb_gives_2_to_1(caplog):
+    probe = FakeProbe(memory={"/device:CPU:0": 12 * GIB, "/device:CPU:1": 6 * GIB})
+    with caplog.at_level(logging.INFO, logger="keras_parallel"):
+        parallel = DataParallel(small_model(), devices=CPU2, split="memory", probe=probe)
+    core = keras_parallel.replicas(parallel)
+    assert core.ratios == [2.0, 1.0]
+    assert core.split == "memory"
+    assert core.split_figures == {"/device:CPU:0": 12 * GIB, "/device:CPU:1": 6 * GIB}
+    assert core.slice_sizes(32) == [22, 10]
+    assert "ratios [2.0, 1.0]" in caplog.text
+
+
+def test_speed_split_3x_faster_gives_3_to_1():
+    probe = FakeProbe(speed={"/device:CPU:0": 30.0, "/device:CPU:1": 90.0})
+    parallel = DataParallel(small_model(), devices=CPU2, split="speed", probe=probe)
+    assert keras_parallel.replicas(parallel).ratios == [1.0, 3.0]
+
+
+def test_real_speed_probe_on_cpu_leaves_model_unchanged():
+    model = small_model()
+    before = [w.copy() for w in model.get_weights()]
+    parallel = DataParallel(model, devices=CPU2, split="speed")
+    core = keras_parallel.replicas(parallel)
+    assert len(core.ratios) == 2 and min(core.ratios) == 1.0
+    assert all(v > 0 for v in core.split_figures.values())
+    for a, b in zip(before, model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_memory_split_without_figures_falls_back_to_even_with_warning():
+    with pytest.warns(UserWarning, match="using an even split"):
+        parallel = DataParallel(small_model(), devices=CPU2, split="memory")
+    assert keras_parallel.replicas(parallel).ratios == [1.0, 1.0]
+
+
+def test_even_split_on_unequal_devices_warns():
+    probe = FakeProbe(memory={"/device:CPU:0": 12 * GIB, "/device:CPU:1": 6 * GIB})
+    with pytest.warns(UserWarning, match="split='memory'"):
+        DataParallel(small_model(), devices=CPU2, probe=probe)
+    probe = FakeProbe(memory={"/device:CPU:0": 12 * GIB, "/device:CPU:1": 11 * GIB})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DataParallel(small_model(), devices=CPU2, probe=probe)
+
+
+def test_measured_split_is_saved_and_reused_without_measuring(tmp_path):
+    probe = FakeProbe(memory={"/device:CPU:0": 12 * GIB, "/device:CPU:1": 6 * GIB})
+    parallel = DataParallel(small_model(), devices=CPU2, split="memory", probe=probe)
+    calls = probe.calls
+    x = np.random.rand(7, 5).astype("float32")
+    loaded = assert_save_load_same_outputs(parallel, x, tmp_path)
+    assert probe.calls == calls
+    core = keras_parallel.replicas(loaded)
+    assert core.ratios == [2.0, 1.0] and core.split == "memory"
+    # Re-measuring means wrapping the template again.
+    again = DataParallel(
+        keras_parallel.unwrap(loaded),
+        devices=CPU2,
+        split="memory",
+        probe=FakeProbe(memory={"/device:CPU:0": 6 * GIB, "/device:CPU:1": 6 * GIB}),
+    )
+    assert keras_parallel.replicas(again).ratios == [1.0, 1.0]
