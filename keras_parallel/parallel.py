@@ -263,9 +263,9 @@ def DataParallel(
     logger.info(
         "DataParallel(%s): devices %s, split %r, ratios %s%s",
         model.name,
-        core.placement,
+        list(core.placement),
         split_value,
-        core.ratios,
+        list(core.ratios),
         f" (measured: {figures})" if figures else "",
     )
     return parallel
