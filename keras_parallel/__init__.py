@@ -5,6 +5,7 @@ from keras_parallel._compat import FLAVOUR
 from keras_parallel.layers.batch_slice import BatchSlice, slice_sizes
 from keras_parallel.layers.parallel_replicas import ParallelReplicas
 from keras_parallel.parallel import DataParallel, custom_objects, replicas, unwrap
+from keras_parallel.plan import Plan, plan
 
 __version__ = "0.1.0"
 
@@ -13,9 +14,11 @@ __all__ = [
     "DataParallel",
     "FLAVOUR",
     "ParallelReplicas",
+    "Plan",
     "__version__",
     "callbacks",
     "custom_objects",
+    "plan",
     "replicas",
     "slice_sizes",
     "unwrap",

@@ -60,3 +60,32 @@ def measure_throughput(
     for variable, value in zip(model.non_trainable_variables, state, strict=True):
         variable.assign(value)
     return batch_size / float(np.median(times))
+
+
+def measure_peak_bytes(model, device: str, rows: int, unknown_dim: int = 8) -> int | None:
+    """Allocator peak, in bytes, of one forward/backward pass of `rows` rows on `device`.
+
+    None where the allocator keeps no statistics (a CPU without
+    ``TF_CPU_ALLOCATOR_USE_BFC=true``). Weights and state are left unchanged.
+    """
+    spec = tf.DeviceSpec.from_string(device)
+    name = f"{spec.device_type}:{spec.device_index or 0}"
+    try:
+        tf.config.experimental.reset_memory_stats(name)
+    except (ValueError, RuntimeError):
+        return None
+    variables = model.trainable_variables
+    state = [tf.identity(v) for v in model.non_trainable_variables]
+    with tf.device(device):
+        batch = _example_batch(model, rows, unknown_dim)
+        with tf.GradientTape() as tape:
+            outputs = model(batch, training=True)
+            total = tf.add_n(
+                [tf.reduce_sum(tf.cast(o, tf.float32)) for o in tf.nest.flatten(outputs)]
+            )
+        grads = tape.gradient(total, variables)
+        del grads, outputs, total, tape
+    peak = tf.config.experimental.get_memory_info(name)["peak"]
+    for variable, value in zip(model.non_trainable_variables, state, strict=True):
+        variable.assign(value)
+    return int(peak)
