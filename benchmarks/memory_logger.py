@@ -101,7 +101,20 @@ def benchmark(repeats: int, epochs: int, steps: int, batch_size: int = 64) -> di
             times[name].extend(timer.times[1:])  # drop the tracing epoch
             keys[name] = sorted(history.history)
     medians = {name: statistics.median(t) for name, t in times.items()}
-    return {"medians": medians, "keys": keys, "samples": {k: len(v) for k, v in times.items()}}
+    # The cost of one reading on its own, for a noise-free bound.
+    logger = GPUMemoryLogger(devices=["/cpu:0"])
+    logger.set_model(_model())
+    logger.on_train_begin()
+    t0 = time.perf_counter()
+    for _ in range(1000):
+        logger._read()
+    per_reading = (time.perf_counter() - t0) / 1000
+    return {
+        "medians": medians,
+        "keys": keys,
+        "samples": {k: len(v) for k, v in times.items()},
+        "per_reading": per_reading,
+    }
 
 
 class TwoUnequalGPUs(MemorySource):
@@ -200,6 +213,13 @@ def main(argv=None):
     print(f"ratio epoch_only / none: {medians['epoch_only'] / medians['none']:.4f}")
     print(f"ratio every_10 / none:   {medians['every_10'] / medians['none']:.4f}")
     print(f"keys (epoch_only): {result['keys']['epoch_only']}")
+    per_reading, steps = result["per_reading"], args.steps
+    print(f"one reading: {per_reading * 1e6:.1f} us")
+    print(
+        "bound from the reading cost alone: epoch_only "
+        f"{1 + per_reading / medians['none']:.5f}, every_10 "
+        f"{1 + (steps // 10 + 1) * per_reading / medians['none']:.5f}"
+    )
 
 
 if __name__ == "__main__":

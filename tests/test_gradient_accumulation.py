@@ -7,10 +7,10 @@ import warnings
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import assert_weights_close
 
 from keras_parallel._compat import IS_KERAS_3, keras
 from keras_parallel.callbacks import GradientAccumulation
-from helpers import assert_weights_close
 
 N_SAMPLES = 70  # batch 32: batches of 32, 32 and a partial 6
 RNG = np.random.default_rng(0)
@@ -286,8 +286,6 @@ def test_mirrored_strategy_gives_the_weights_of_a_single_device():
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     with strategy.scope():
         # 64 rows, batches of 16 (8 per replica): micro-batches of 3 -> 3 + 3 + 2.
-        accumulated = _train(
-            [GradientAccumulation(3)], optimizer="momentum", n=64, batch_size=16
-        )
+        accumulated = _train([GradientAccumulation(3)], optimizer="momentum", n=64, batch_size=16)
     plain = _train([], optimizer="momentum", n=64, batch_size=16)
     _assert_same_training(accumulated, plain)

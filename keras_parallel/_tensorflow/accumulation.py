@@ -123,6 +123,12 @@ class AccumulatingTrainFunction:
         self._tracker = _loss_tracker(model)
         self._step = self._wrap(self._distributed_step)
         self._probe_step = None
+        optimizer = model.optimizer
+        if IS_KERAS_3 and not optimizer.built:
+            # Build the slots eagerly: built lazily inside a step that then runs out
+            # of memory, Keras 3 leaves them uninitialized (shape [0]) for the retry.
+            with self.strategy.scope():
+                optimizer.build(model.trainable_variables)
 
     def _wrap(self, function):
         if self.model.run_eagerly:
@@ -180,9 +186,7 @@ class AccumulatingTrainFunction:
                 x, y, sample_weight, k * rows_per_step, rows_per_step, batch
             )
             grads = [a + b for a, b in zip(grads, g_k, strict=True)]
-            arrays = [
-                a.write(k, p) for a, p in zip(arrays, tf.nest.flatten(pred_k), strict=True)
-            ]
+            arrays = [a.write(k, p) for a, p in zip(arrays, tf.nest.flatten(pred_k), strict=True)]
             return k + 1, grads, loss + loss_k, arrays
 
         _, grads, loss, arrays = tf.while_loop(

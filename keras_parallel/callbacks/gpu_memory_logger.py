@@ -384,7 +384,7 @@ class GPUMemoryLogger(keras.callbacks.Callback):
         """Draws each device's peak per epoch (and its limit) into a PNG at `path`."""
         from matplotlib.figure import Figure
 
-        figure = Figure(figsize=(6, 3.6), dpi=100)
+        figure = Figure(figsize=(7.5, 3.6), dpi=100)
         axes = figure.add_subplot()
         for index, (device, prefix) in enumerate(self._tracked):
             peaks = self.epoch_peaks.get(prefix, [])
@@ -405,7 +405,7 @@ class GPUMemoryLogger(keras.callbacks.Callback):
         axes.xaxis.get_major_locator().set_params(integer=True)
         axes.set_ylim(bottom=0)
         axes.grid(alpha=0.3)
-        axes.legend(loc="best", fontsize="small")
+        axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
         figure.tight_layout()
         figure.savefig(os.fspath(path), format="png")
 

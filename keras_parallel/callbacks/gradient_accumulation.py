@@ -169,6 +169,9 @@ class GradientAccumulation(keras.callbacks.Callback):
         self.memory_probe = memory_probe
         self.micro_batch_size_ = None
         self._active = False
+        self._installed = None
+        self._original_train_function = None
+        self._cache = None
 
     # ------------------------------------------------------------------ train hooks
     def _validate_model(self, model) -> None:
@@ -208,12 +211,15 @@ class GradientAccumulation(keras.callbacks.Callback):
         self._has_batch_normalization = _has_batch_normalization(model)
         self._original_train_function = model.train_function
         self._active = True
-        model.train_function = AccumulatingTrainFunction(
-            model,
-            controller=self,
-            num_replicas=_num_replicas(model),
-            original=self._original_train_function,
-        )
+        # Reuse the train function (and its traced tf.function) of this instance's
+        # last fit while the model and its compiled train function are the same.
+        num_replicas = _num_replicas(model)
+        key = (model, self._original_train_function, num_replicas)
+        if self._cache is None or any(a is not b for a, b in zip(self._cache[0], key)):
+            self._cache = (key, AccumulatingTrainFunction(model, self, num_replicas))
+        self._installed = self._cache[1]
+        self._installed.original = self._original_train_function
+        model.train_function = self._installed
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None and self.micro_batch_size_ is not None:
@@ -221,10 +227,9 @@ class GradientAccumulation(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         self._active = False
-        if self.model is not None and isinstance(
-            getattr(self.model, "train_function", None), _TrainFunctionType()
-        ):
+        if self.model is not None and self.model.train_function is self._installed:
             self.model.train_function = self._original_train_function
+        self._installed = None
         self._original_train_function = None
 
     # ------------------------------------------------- called by the train function
@@ -269,7 +274,7 @@ class GradientAccumulation(keras.callbacks.Callback):
         probe = self.memory_probe or train_function.make_probe(data)
         if probe is None:
             warnings.warn(
-                "GradientAccumulation(micro_batch_size=\"auto\") cannot measure memory "
+                'GradientAccumulation(micro_batch_size="auto") cannot measure memory '
                 "on this device (no allocator statistics), so it keeps the batch whole "
                 "and halves it only on out-of-memory errors. Pass `memory_probe` to plan.",
                 stacklevel=2,
@@ -298,8 +303,3 @@ class GradientAccumulation(keras.callbacks.Callback):
         self.micro_batch_size_ = new
         return new
 
-
-def _TrainFunctionType():
-    from keras_parallel._tensorflow.accumulation import AccumulatingTrainFunction
-
-    return AccumulatingTrainFunction
