@@ -78,7 +78,9 @@ def _plan_command(args) -> int:
             devices=None if keras_parallel.unwrap(model) is not model else args.devices,
             split=None if keras_parallel.unwrap(model) is not model else split,
             micro_batch_size=args.micro_batch_size,
-            memory_budget=None if args.memory_budget_mib is None else args.memory_budget_mib * 2**20,
+            memory_budget=(
+                None if args.memory_budget_mib is None else args.memory_budget_mib * 2**20
+            ),
         )
     except ValueError as error:
         print(f"keras-parallel plan: error: {error}", file=sys.stderr)

@@ -235,10 +235,10 @@ def DataParallel(
         lambda t: keras.Input(
             shape=tuple(t.shape)[1:], dtype=t.dtype, name=_tensor_name(t), sparse=_sparse(t)
         ),
-        model.input,
+        input_structure(model),
     )
     taken = {n for n in (_tensor_name(t) for t in model.inputs)}
-    output_names = _unique_output_names(list(model.output_names))
+    output_names = _unique_output_names(_output_names(model))
     taken |= set(output_names)
     core_name = "data_parallel"
     while core_name in taken:
@@ -269,6 +269,26 @@ def DataParallel(
         f" (measured: {figures})" if figures else "",
     )
     return parallel
+
+
+def input_structure(model):
+    """The model's symbolic inputs with their structure (tensor, list or dict).
+
+    Keras 3 Sequential models built from `keras.Input` have `inputs` but no
+    `input` until they are called; their single input is used then.
+    """
+    try:
+        return model.input
+    except (AttributeError, ValueError):
+        inputs = list(model.inputs)
+        return inputs[0] if len(inputs) == 1 else inputs
+
+
+def _output_names(model) -> list[str]:
+    names = getattr(model, "output_names", None)
+    if names:
+        return list(names)
+    return [_tensor_name(t) for t in model.outputs]  # Keras 3 Sequential
 
 
 def _tensor_name(tensor) -> str:

@@ -12,7 +12,7 @@ from keras_parallel.devices import resolve_devices
 from keras_parallel.layers.batch_slice import slice_sizes
 from keras_parallel.probes import DeviceProbe
 
-__all__ = ["Plan", "plan"]
+__all__ = ["Plan", "plan", "auto_micro_batch_size"]
 
 MIB = 2**20
 
@@ -207,7 +207,7 @@ def plan(
         notes.append("no allocator statistics here: expected peaks unknown")
 
     if micro_batch_size == "auto":
-        micro = _auto_micro_batch(batch_size, ratios, limits, peak_line, memory_margin)
+        micro = auto_micro_batch_size(batch_size, ratios, limits, peak_line, memory_margin)
         if micro is None:
             micro = math.ceil(batch_size / n)
             notes.append("'auto' keeps the batch whole: no memory limit or no measured peaks")
@@ -243,14 +243,21 @@ def plan(
     )
 
 
-def _auto_micro_batch(
+def auto_micro_batch_size(
     batch_size: int,
     ratios: Sequence[float],
     limits: Sequence[int | None],
     peak_line,
     margin: float,
 ) -> int | None:
-    """Largest rows-per-device m whose micro step fits every device, or None."""
+    """Largest rows-per-device m whose micro step fits every device, or None.
+
+    The one rule for `plan(micro_batch_size="auto")` and
+    `GradientAccumulation("auto")`: a micro step of ``len(ratios) * m`` rows is
+    cut by `BatchSlice`'s rule, and each device's rows must fit
+    ``margin * limit`` on the line ``peak = a + b * rows``. None when a limit or
+    the line is unknown.
+    """
     if peak_line is None or any(limit is None for limit in limits):
         return None
     n = len(ratios)

@@ -168,8 +168,10 @@ def test_list_inputs_and_outputs():
     h = keras.layers.Concatenate()([a, b])
     template = keras.Model([a, b], [keras.layers.Dense(1, name="o1")(h), keras.layers.Dense(2)(h)])
     parallel = DataParallel(template, devices=CPU3)
-    x = [np.random.rand(5, 3).astype("float32"), np.random.rand(5, 2).astype("float32")]
-    for got, want in zip(parallel.predict(x, verbose=0), template.predict(x, verbose=0), strict=True):
+    rng = np.random.default_rng(0)
+    x = [rng.random((5, 3), dtype="float32"), rng.random((5, 2), dtype="float32")]
+    got_all, want_all = parallel.predict(x, verbose=0), template.predict(x, verbose=0)
+    for got, want in zip(got_all, want_all, strict=True):
         np.testing.assert_allclose(got, want, atol=1e-6)
     assert list(parallel.output_names) == list(template.output_names)
 
@@ -182,8 +184,10 @@ def test_siamese_output_names_get_suffixes():
     template = keras.Model([left, right], [encoder(left), encoder(right)])
     parallel = DataParallel(template, devices=CPU2)
     assert list(parallel.output_names) == ["encoder", "encoder_1"]
-    x = [np.random.rand(5, 4).astype("float32") for _ in range(2)]
-    for got, want in zip(parallel.predict(x, verbose=0), template.predict(x, verbose=0), strict=True):
+    rng = np.random.default_rng(0)
+    x = [rng.random((5, 4), dtype="float32") for _ in range(2)]
+    got_all, want_all = parallel.predict(x, verbose=0), template.predict(x, verbose=0)
+    for got, want in zip(got_all, want_all, strict=True):
         np.testing.assert_allclose(got, want, atol=1e-6)
     parallel.compile("sgd", ["mse", "mse"])
     parallel.fit(x, [np.zeros((5, 2)), np.ones((5, 2))], epochs=1, verbose=0)
@@ -326,7 +330,9 @@ def test_save_and_load_tf_keras_native_formats(tmp_path, suffix):
     path = str(tmp_path / ("model.h5" if suffix == "h5" else "saved_model"))
     parallel.save(path, save_format=suffix)
     loaded = keras.models.load_model(path)
-    np.testing.assert_allclose(loaded.predict(x, verbose=0), parallel.predict(x, verbose=0), atol=1e-6)
+    np.testing.assert_allclose(
+        loaded.predict(x, verbose=0), parallel.predict(x, verbose=0), atol=1e-6
+    )
 
 
 def test_load_on_machine_with_fewer_devices_warns_and_works(tmp_path):
@@ -351,7 +357,9 @@ def test_load_on_machine_with_fewer_devices_warns_and_works(tmp_path):
     gpus = tf.config.list_logical_devices("GPU")
     if not gpus:
         assert core.placement == ["/device:CPU:0", "/device:CPU:0"]
-    np.testing.assert_allclose(loaded.predict(x, verbose=0), parallel.predict(x, verbose=0), atol=1e-6)
+    np.testing.assert_allclose(
+        loaded.predict(x, verbose=0), parallel.predict(x, verbose=0), atol=1e-6
+    )
 
 
 def test_template_checkpoint_writes_the_template(tmp_path):
@@ -364,6 +372,6 @@ def test_template_checkpoint_writes_the_template(tmp_path):
     parallel.fit(x, y, epochs=2, batch_size=4, verbose=0, callbacks=[checkpoint])
     assert sorted(os.listdir(tmp_path)) == ["ckpt-1.keras", "ckpt-2.keras"]
     saved = keras.models.load_model(str(tmp_path / "ckpt-2.keras"))
-    assert not any(isinstance(l, keras_parallel.ParallelReplicas) for l in saved.layers)
+    assert not any(isinstance(layer, keras_parallel.ParallelReplicas) for layer in saved.layers)
     assert saved.name == template.name
     assert_weights_close(saved.get_weights(), template.get_weights(), rtol=0, atol=0)

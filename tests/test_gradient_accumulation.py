@@ -273,11 +273,16 @@ def test_out_of_memory_halves_and_redoes_the_same_batch():
 
 def test_data_parallel_models_take_micro_batches_of_n_devices_rows():
     # A DataParallel model over n devices takes n * micro_batch_size rows per micro
-    # step: ceil(32 / (2 * 4)) = 4 steps per batch.
-    model = _model(recorder=RowRecorder())
-    model._keras_parallel_num_replicas = 2
-    accumulated = _train([GradientAccumulation(4)], model=model, optimizer="momentum")
-    assert float(model.layers[0].largest.numpy()) == 8
+    # step: ceil(32 / (2 * 4)) = 4 steps per batch, 4 rows per device each.
+    from keras_parallel import DataParallel
+
+    template = _model(recorder=RowRecorder())
+    parallel = DataParallel(template, devices=["/cpu:0", "/cpu:1"])
+    callback = GradientAccumulation(4)
+    accumulated = _train([callback], model=parallel, optimizer="momentum")
+    recorder = template.layers[0]
+    assert float(recorder.largest.numpy()) == 4  # each device's slice of a micro step
+    assert float(recorder.seen.numpy()) == 2 * N_SAMPLES
     plain = _train([], model=_model(recorder=RowRecorder()), optimizer="momentum")
     _assert_same_training(accumulated, plain)
 

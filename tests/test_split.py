@@ -89,7 +89,7 @@ def test_measured_split_is_saved_and_reused_without_measuring(tmp_path):
     probe = FakeProbe(memory={"/device:CPU:0": 12 * GIB, "/device:CPU:1": 6 * GIB})
     parallel = DataParallel(small_model(), devices=CPU2, split="memory", probe=probe)
     calls = probe.calls
-    x = np.random.rand(7, 5).astype("float32")
+    x = np.random.default_rng(0).random((7, 5), dtype="float32")
     loaded = assert_save_load_same_outputs(parallel, x, tmp_path)
     assert probe.calls == calls
     core = keras_parallel.replicas(loaded)

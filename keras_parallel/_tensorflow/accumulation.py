@@ -29,7 +29,7 @@ from keras_parallel._compat import IS_KERAS_3, keras
 __all__ = [
     "AccumulatingTrainFunction",
     "OUT_OF_MEMORY_ERRORS",
-    "device_memory_limit",
+    "measured_device",
     "local_batch_rows",
 ]
 
@@ -281,11 +281,16 @@ class AccumulatingTrainFunction:
         variables = _state_variables(self.model)
         return variables, [tf.identity(v) for v in variables]
 
-    @staticmethod
-    def restore_state(saved):
+    def restore_state(self, saved):
         variables, values = saved
         for variable, value in zip(variables, values, strict=True):
             variable.assign(value)
+        # Metrics built lazily by the failed step (Keras 3 builds compiled metrics at
+        # the first trace) were not in the snapshot: start them from zero.
+        known = {id(v) for v in variables}
+        for metric in self.model.metrics:
+            if any(id(v) not in known for v in metric.variables):
+                metric.reset_state()
 
     # ------------------------------------------------------------------- the call
     def __call__(self, iterator):
@@ -324,28 +329,7 @@ def _measured_device(strategy) -> str:
     return f"{spec.device_type}:{spec.device_index or 0}"
 
 
-def device_memory_limit(strategy) -> int | None:
-    """Memory in bytes of the device the probe measures; None where unknown (a CPU)."""
-    device = _measured_device(strategy)
-    kind, index = device.split(":")
-    if kind != "GPU":
-        return None
-    index = int(index)
-    physical = tf.config.list_physical_devices("GPU")
-    if physical:
-        configs = tf.config.get_logical_device_configuration(physical[0]) or []
-        if len(physical) == 1 and configs and index < len(configs):
-            limit = configs[index].memory_limit
-            if limit:
-                return int(limit) * 2**20
-    try:  # optional dependency: the card's total memory
-        import pynvml
-
-        pynvml.nvmlInit()
-        try:
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            return int(pynvml.nvmlDeviceGetMemoryInfo(handle).total)
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:  # noqa: BLE001 - no NVML: the limit is unknown
-        return None
+def measured_device(strategy) -> str:
+    """Canonical name ("/device:GPU:0") of the device the memory probe measures."""
+    kind, index = _measured_device(strategy).split(":")
+    return f"/device:{kind}:{index}"

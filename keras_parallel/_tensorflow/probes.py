@@ -18,7 +18,9 @@ def _example_batch(model, batch_size: int, unknown_dim: int):
             return tf.zeros(shape, dtype=dtype)
         return tf.zeros(shape, dtype=dtype)
 
-    return tf.nest.map_structure(make, model.input)
+    from keras_parallel.parallel import input_structure
+
+    return tf.nest.map_structure(make, input_structure(model))
 
 
 def measure_throughput(

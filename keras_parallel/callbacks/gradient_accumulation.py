@@ -16,7 +16,9 @@ _AUTO = "auto"
 
 def _num_replicas(model) -> int:
     """Devices a keras_parallel DataParallel model splits each micro-batch over (1 otherwise)."""
-    return int(getattr(model, "_keras_parallel_num_replicas", 1))
+    from keras_parallel.parallel import num_replicas
+
+    return num_replicas(model)
 
 
 def _has_batch_normalization(model) -> bool:
@@ -215,7 +217,13 @@ class GradientAccumulation(keras.callbacks.Callback):
         # last fit while the model and its compiled train function are the same.
         num_replicas = _num_replicas(model)
         key = (model, self._original_train_function, num_replicas)
-        if self._cache is None or any(a is not b for a, b in zip(self._cache[0], key)):
+        cached = self._cache[0] if self._cache is not None else None
+        if (
+            cached is None
+            or cached[0] is not key[0]
+            or cached[1] is not key[1]
+            or cached[2] != key[2]
+        ):
             self._cache = (key, AccumulatingTrainFunction(model, self, num_replicas))
         self._installed = self._cache[1]
         self._installed.original = self._original_train_function
@@ -263,13 +271,29 @@ class GradientAccumulation(keras.callbacks.Callback):
         return micro
 
     def _plan(self, data, rows_per_device: int, train_function) -> int:
-        """Plans the "auto" micro-batch size (per device) before the first update."""
-        from keras_parallel._tensorflow.accumulation import device_memory_limit
+        """Plans the "auto" micro-batch size (per device) before the first update.
 
-        limit = self.memory_budget
-        if limit is None:
-            limit = device_memory_limit(self.model.distribute_strategy)
-        if limit is None:
+        The rule is `keras_parallel.plan.auto_micro_batch_size`, the one
+        `keras_parallel.plan()` shows: per-device limits (each device of a
+        DataParallel model), a line through peaks measured on the real batch.
+        """
+        from keras_parallel._tensorflow.accumulation import OUT_OF_MEMORY_ERRORS, measured_device
+        from keras_parallel.layers.batch_slice import slice_sizes
+        from keras_parallel.memory import device_memory_limit
+        from keras_parallel.parallel import replicas, unwrap
+        from keras_parallel.plan import auto_micro_batch_size
+
+        replicas_n = train_function.num_replicas
+        if unwrap(self.model) is not self.model:
+            core = replicas(self.model)
+            ratios, devices = list(core.ratios), list(core.placement)
+        else:
+            ratios, devices = [1.0], [measured_device(self.model.distribute_strategy)]
+        if self.memory_budget is not None:
+            limits = [self.memory_budget] * len(devices)
+        else:
+            limits = [device_memory_limit(d) for d in devices]
+        if any(limit is None for limit in limits):
             return rows_per_device  # no known limit (a CPU): keep the batch whole
         probe = self.memory_probe or train_function.make_probe(data)
         if probe is None:
@@ -280,19 +304,22 @@ class GradientAccumulation(keras.callbacks.Callback):
                 stacklevel=2,
             )
             return rows_per_device
-        from keras_parallel._tensorflow.accumulation import OUT_OF_MEMORY_ERRORS
-
         points = []
         for size in accumulation_plan.probe_sizes(rows_per_device):
             try:
-                points.append((size, probe(size)))
+                peak = probe(size)
             except OUT_OF_MEMORY_ERRORS:
                 break
+            # The probe runs `replicas_n * size` rows; the measured (first) device
+            # computes its slice of them.
+            points.append((max(1, slice_sizes(replicas_n * size, ratios)[0]), peak))
         if not points:
             return 1
-        return accumulation_plan.plan_micro_batch_size(
-            points, limit, rows_per_device, margin=self.memory_margin
+        line = accumulation_plan.fit_peak_line(points)
+        micro = auto_micro_batch_size(
+            rows_per_device * replicas_n, ratios, limits, line, self.memory_margin
         )
+        return min(rows_per_device, micro)
 
     def _on_out_of_memory(self, old: int, new: int) -> int:
         warnings.warn(
@@ -302,4 +329,3 @@ class GradientAccumulation(keras.callbacks.Callback):
         )
         self.micro_batch_size_ = new
         return new
-
