@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from helpers import assert_config_round_trip, assert_save_load_same_outputs
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import keras_parallel
@@ -50,6 +50,7 @@ def test_eager_slices_concatenate_to_input(batch, ratios):
     np.testing.assert_array_equal(np.concatenate(pieces, axis=0), x)
 
 
+@settings(max_examples=15)  # each example traces a tf.function
 @given(batch=st.integers(0, 300), ratios=ratio_lists)
 def test_unknown_batch_in_tf_function_matches_static_rule(batch, ratios):
     layers = [BatchSlice(index=i, ratios=ratios) for i in range(len(ratios))]
