@@ -13,12 +13,14 @@ few small sizes, and `largest_fitting_micro_batch` picks the largest ``m`` with
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 
 _TOLERANCE = 1e-9
 
 __all__ = [
     "accumulation_steps",
+    "validate_micro_batch_size",
     "micro_batch_sizes",
     "fit_peak_line",
     "largest_fitting_micro_batch",
@@ -35,6 +37,26 @@ def _check_positive_int(name: str, value, allow_zero: bool = False) -> None:
             f"Invalid value for argument `{name}`. Expected a {kind} int. "
             f"Received: {name}={value!r}"
         )
+
+
+def validate_micro_batch_size(value, allow_none: bool = False):
+    """Checks a `micro_batch_size` argument: a positive int or "auto" (or None).
+
+    Returns:
+        The value, with integers (numpy's too) as a Python int.
+
+    Raises:
+        ValueError: naming the argument, what was expected and what came.
+    """
+    if value == "auto" or (allow_none and value is None):
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        expected = 'None, a positive int or "auto"' if allow_none else 'a positive int or "auto"'
+        raise ValueError(
+            f"Invalid value for argument `micro_batch_size`. Expected {expected}. "
+            f"Received: micro_batch_size={value!r}"
+        )
+    return int(value)
 
 
 def accumulation_steps(batch_size: int, micro_batch_size: int, num_replicas: int = 1) -> int:

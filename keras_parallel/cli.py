@@ -71,12 +71,13 @@ def _plan_command(args) -> int:
                 file=sys.stderr,
             )
             return EXIT_USAGE
+    is_parallel = keras_parallel.unwrap(model) is not model  # brings its own devices
     try:
         result = keras_parallel.plan(
             model,
             args.batch_size,
-            devices=None if keras_parallel.unwrap(model) is not model else args.devices,
-            split=None if keras_parallel.unwrap(model) is not model else split,
+            devices=None if is_parallel else args.devices,
+            split=None if is_parallel else split,
             micro_batch_size=args.micro_batch_size,
             memory_budget=(
                 None if args.memory_budget_mib is None else args.memory_budget_mib * 2**20

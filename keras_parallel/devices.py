@@ -8,7 +8,6 @@ user may write (``"/gpu:0"``, ``"GPU:1"``, ``"gpu"``, ``"/cpu:0"``, a full
 from __future__ import annotations
 
 import re
-import warnings
 from collections.abc import Sequence
 
 from keras_parallel._compat import IS_KERAS_3, backend_name, keras
@@ -178,8 +177,3 @@ def device_scope(name: str):
     from keras_parallel._tensorflow.devices import device_scope as tf_device_scope
 
     return tf_device_scope(name)
-
-
-def warn(message: str) -> None:
-    """Warns from library code, pointing at the caller's line."""
-    warnings.warn(message, stacklevel=3)

@@ -20,19 +20,27 @@ logger = logging.getLogger("keras_parallel")
 _warned_single_device = False
 
 
-def _walk_layers(model):
-    """Every layer inside `model`, depth first (public `.layers` only)."""
-    for layer in getattr(model, "layers", []):
-        yield layer
-        yield from _walk_layers(layer)
-        inner = getattr(layer, "layer", None)  # wrappers: Bidirectional, TimeDistributed
-        if inner is not None:
-            yield inner
-            yield from _walk_layers(inner)
-        for attr in ("forward_layer", "backward_layer", "cell"):
-            sub = getattr(layer, attr, None)
-            if sub is not None and hasattr(sub, "weights"):
-                yield sub
+def walk_layers(model):
+    """Every layer inside `model`, once each, depth first.
+
+    Follows public attributes only: `.layers` of models, `.layer` of wrappers
+    (`ParallelReplicas`, `Bidirectional`, `TimeDistributed`) and the sub-layers
+    of recurrent layers, so a `DataParallel` model's template is walked too.
+    """
+    seen = {id(model)}
+    stack = [model]
+    while stack:
+        parent = stack.pop()
+        children = list(getattr(parent, "layers", None) or [])
+        for attr in ("layer", "forward_layer", "backward_layer", "cell"):
+            child = getattr(parent, attr, None)
+            if child is not None and hasattr(child, "weights"):
+                children.append(child)
+        for child in reversed(children):
+            if id(child) not in seen:
+                seen.add(id(child))
+                yield child
+                stack.append(child)
 
 
 def _check_template(model):
@@ -47,7 +55,7 @@ def _check_template(model):
             "functional or Sequential model built from `keras.Input`). Received: model "
             f"{model.name!r} has no inputs yet; build it with an Input layer first."
         )
-    for layer in _walk_layers(model):
+    for layer in walk_layers(model):
         if getattr(layer, "stateful", False) is True:
             raise ValueError(
                 f"Invalid value for argument `model`. Layer {layer.name!r} is stateful: its "

@@ -148,16 +148,9 @@ def plan(
     from keras_parallel.parallel import _resolve_split, replicas, unwrap
 
     _check_batch_size(batch_size)
-    if micro_batch_size is not None and micro_batch_size != "auto":
-        if (
-            isinstance(micro_batch_size, bool)
-            or not isinstance(micro_batch_size, int)
-            or micro_batch_size < 1
-        ):
-            raise ValueError(
-                "Invalid value for argument `micro_batch_size`. Expected None, a positive "
-                f'int or "auto". Received: micro_batch_size={micro_batch_size!r}'
-            )
+    micro_batch_size = accumulation_plan.validate_micro_batch_size(
+        micro_batch_size, allow_none=True
+    )
     if not 0 < memory_margin <= 1:
         raise ValueError(
             "Invalid value for argument `memory_margin`. Expected a float in (0, 1]. "

@@ -236,6 +236,26 @@ def test_batch_smaller_than_devices_in_training_keeps_statistics_finite():
     assert np.asarray(parallel(x[:1], training=True)).shape == (1, 3)
 
 
+def test_sequential_template_with_batchnorm_trains_on_batches_smaller_than_devices():
+    keras.utils.set_random_seed(0)
+    template = keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(4),
+            keras.layers.BatchNormalization(),
+            keras.layers.Dense(3),
+        ]
+    )
+    parallel = DataParallel(template, devices=CPU3)
+    x, y = data(5)
+    parallel.compile("sgd", "mse")
+    parallel.fit(x, y, batch_size=2, epochs=1, verbose=0)  # last batch: 1 row, 3 devices
+    assert all(np.isfinite(w).all() for w in template.get_weights())
+    np.testing.assert_allclose(
+        parallel.predict(x, verbose=0), template.predict(x, verbose=0), atol=1e-5
+    )
+
+
 def test_one_device_works_and_warns_once():
     import keras_parallel.parallel as module
 

@@ -287,6 +287,41 @@ def test_data_parallel_models_take_micro_batches_of_n_devices_rows():
     _assert_same_training(accumulated, plain)
 
 
+def test_auto_on_an_unequal_data_parallel_model_does_what_plan_shows():
+    # One rule for plan(..., "auto") and GradientAccumulation("auto"): with a 2:1 split
+    # the first device's rows bound the micro step. Device rows cost 1000 + 100 * rows
+    # bytes; a 2000-byte budget at margin 0.8 fits 6 rows: 8-row micro steps (6 + 2).
+    import keras_parallel
+    from keras_parallel import DataParallel
+
+    def device_peak(rows):
+        return 1000 + 100 * rows
+
+    parallel = DataParallel(_model(), devices=["/cpu:0", "/cpu:1"], split=[2, 1])
+    shown = keras_parallel.plan(
+        parallel, 32, micro_batch_size="auto", memory_budget=2000, memory_probe=device_peak
+    )
+    assert shown.micro_batch_size == 4 and shown.rows_per_device == [6, 2]
+
+    def micro_probe(micro):  # what the first device computes of a 2 * micro row step
+        return device_peak(keras_parallel.slice_sizes(2 * micro, [2, 1])[0])
+
+    callback = GradientAccumulation("auto", memory_budget=2000, memory_probe=micro_probe)
+    accumulated = _train([callback], model=parallel, optimizer="adam")
+    assert callback.micro_batch_size_ == shown.micro_batch_size
+    _assert_same_training(accumulated, _train([], optimizer="adam"))
+
+
+def test_batch_normalization_inside_a_data_parallel_model_warns():
+    from keras_parallel import DataParallel
+
+    parallel = DataParallel(_model(batch_norm=True), devices=["/cpu:0", "/cpu:1"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _train([GradientAccumulation(4)], model=parallel, epochs=1)
+    assert len([w for w in caught if "BatchNormalization" in str(w.message)]) == 1
+
+
 def test_mirrored_strategy_gives_the_weights_of_a_single_device():
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     with strategy.scope():

@@ -25,6 +25,8 @@ from __future__ import annotations
 import tensorflow as tf
 
 from keras_parallel._compat import IS_KERAS_3, keras
+from keras_parallel._tensorflow.memory import _short
+from keras_parallel.devices import canonical_device_name
 
 __all__ = [
     "AccumulatingTrainFunction",
@@ -248,7 +250,7 @@ class AccumulatingTrainFunction:
         TF_CPU_ALLOCATOR_USE_BFC). The probe applies nothing, and restores the
         non-trainable and metric variables the forward pass touched.
         """
-        device = _measured_device(self.strategy)
+        device = _short(measured_device(self.strategy))
         try:
             tf.config.experimental.reset_memory_stats(device)
             tf.config.experimental.get_memory_info(device)
@@ -314,8 +316,8 @@ class AccumulatingTrainFunction:
                 micro = self.controller._on_out_of_memory(micro, max(1, micro // 2))
 
 
-def _measured_device(strategy) -> str:
-    """The "TYPE:INDEX" name of the device whose allocator peak the probe reads."""
+def measured_device(strategy) -> str:
+    """Canonical name ("/device:GPU:0") of the device whose allocator peak the probe reads."""
     try:
         devices = tuple(strategy.extended.worker_devices)
     except (AttributeError, RuntimeError):  # the default strategy has none
@@ -325,11 +327,4 @@ def _measured_device(strategy) -> str:
     else:
         gpus = tf.config.list_logical_devices("GPU")
         name = gpus[0].name if gpus else "/device:CPU:0"
-    spec = tf.DeviceSpec.from_string(name)
-    return f"{spec.device_type}:{spec.device_index or 0}"
-
-
-def measured_device(strategy) -> str:
-    """Canonical name ("/device:GPU:0") of the device the memory probe measures."""
-    kind, index = _measured_device(strategy).split(":")
-    return f"/device:{kind}:{index}"
+    return canonical_device_name(name)

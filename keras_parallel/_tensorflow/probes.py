@@ -1,26 +1,48 @@
-"""Timing a model's forward/backward pass on one device (TensorFlow)."""
+"""Timing and memory of a model's forward/backward pass on one device (TensorFlow)."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import numpy as np
 import tensorflow as tf
 
+from keras_parallel._tensorflow.memory import _short
+
 
 def _example_batch(model, batch_size: int, unknown_dim: int):
+    """A generated batch of the model's input shapes (unknown dims: `unknown_dim`)."""
+    from keras_parallel.parallel import input_structure
+
     def make(tensor):
         shape = [batch_size] + [d if d is not None else unknown_dim for d in tensor.shape[1:]]
         dtype = tf.as_dtype(tensor.dtype)
         if dtype.is_floating:
             return tf.random.stateless_uniform(shape, seed=[1, 2], dtype=dtype)
-        if dtype.is_integer:
-            return tf.zeros(shape, dtype=dtype)
         return tf.zeros(shape, dtype=dtype)
 
-    from keras_parallel.parallel import input_structure
-
     return tf.nest.map_structure(make, input_structure(model))
+
+
+def _forward_backward(model, inputs):
+    """Gradients of the summed outputs: a training pass that applies nothing."""
+    variables = model.trainable_variables
+    with tf.GradientTape() as tape:
+        outputs = model(inputs, training=True)
+        total = tf.add_n([tf.reduce_sum(tf.cast(o, tf.float32)) for o in tf.nest.flatten(outputs)])
+    return [g for g in tape.gradient(total, variables) if g is not None]
+
+
+@contextlib.contextmanager
+def _model_state_kept(model):
+    """Restores the model's non-trainable state (BN statistics, seeds) on exit."""
+    state = [tf.identity(v) for v in model.non_trainable_variables]
+    try:
+        yield
+    finally:
+        for variable, value in zip(model.non_trainable_variables, state, strict=True):
+            variable.assign(value)
 
 
 def measure_throughput(
@@ -29,29 +51,17 @@ def measure_throughput(
     """Samples per second of one forward and backward pass of `model` on `device`.
 
     A generated batch of the model's input shapes is used; gradients are
-    computed and dropped, so the model's weights and state are unchanged
-    (its non-trainable state is restored after the passes).
+    computed and dropped, and the non-trainable state is restored, so the model
+    is unchanged.
     """
-    variables = model.trainable_variables
-    state = [tf.identity(v) for v in model.non_trainable_variables]
-
-    with tf.device(device):
+    with _model_state_kept(model), tf.device(device):
         batch = _example_batch(model, batch_size, unknown_dim)
-
-        @tf.function
-        def step(inputs):
-            with tf.GradientTape() as tape:
-                outputs = model(inputs, training=True)
-                total = tf.add_n(
-                    [tf.reduce_sum(tf.cast(o, tf.float32)) for o in tf.nest.flatten(outputs)]
-                )
-            grads = tape.gradient(total, variables)
-            return [g for g in grads if g is not None]
+        step = tf.function(lambda inputs: _forward_backward(model, inputs))
 
         def run():
             result = step(batch)
-            # Make sure the work is finished before the clock stops.
-            np.asarray(result[0]) if result else None
+            if result:  # make sure the work is finished before the clock stops
+                np.asarray(result[0])
 
         run()  # trace and warm up
         times = []
@@ -59,8 +69,6 @@ def measure_throughput(
             start = time.perf_counter()
             run()
             times.append(time.perf_counter() - start)
-    for variable, value in zip(model.non_trainable_variables, state, strict=True):
-        variable.assign(value)
     return batch_size / float(np.median(times))
 
 
@@ -70,24 +78,11 @@ def measure_peak_bytes(model, device: str, rows: int, unknown_dim: int = 8) -> i
     None where the allocator keeps no statistics (a CPU without
     ``TF_CPU_ALLOCATOR_USE_BFC=true``). Weights and state are left unchanged.
     """
-    spec = tf.DeviceSpec.from_string(device)
-    name = f"{spec.device_type}:{spec.device_index or 0}"
+    name = _short(device)
     try:
         tf.config.experimental.reset_memory_stats(name)
     except (ValueError, RuntimeError):
         return None
-    variables = model.trainable_variables
-    state = [tf.identity(v) for v in model.non_trainable_variables]
-    with tf.device(device):
-        batch = _example_batch(model, rows, unknown_dim)
-        with tf.GradientTape() as tape:
-            outputs = model(batch, training=True)
-            total = tf.add_n(
-                [tf.reduce_sum(tf.cast(o, tf.float32)) for o in tf.nest.flatten(outputs)]
-            )
-        grads = tape.gradient(total, variables)
-        del grads, outputs, total, tape
-    peak = tf.config.experimental.get_memory_info(name)["peak"]
-    for variable, value in zip(model.non_trainable_variables, state, strict=True):
-        variable.assign(value)
-    return int(peak)
+    with _model_state_kept(model), tf.device(device):
+        _forward_backward(model, _example_batch(model, rows, unknown_dim))
+    return int(tf.config.experimental.get_memory_info(name)["peak"])

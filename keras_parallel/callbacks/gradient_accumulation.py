@@ -22,20 +22,9 @@ def _num_replicas(model) -> int:
 
 
 def _has_batch_normalization(model) -> bool:
-    seen, stack = set(), [model]
-    while stack:
-        layer = stack.pop()
-        if id(layer) in seen:
-            continue
-        seen.add(id(layer))
-        if isinstance(layer, keras.layers.BatchNormalization):
-            return True
-        stack.extend(getattr(layer, "layers", None) or [])
-        if not IS_KERAS_3:
-            stack.extend(
-                m for m in getattr(layer, "submodules", ()) if isinstance(m, keras.layers.Layer)
-            )
-    return False
+    from keras_parallel.parallel import walk_layers
+
+    return any(isinstance(layer, keras.layers.BatchNormalization) for layer in walk_layers(model))
 
 
 def _steps_per_execution(model):
@@ -131,15 +120,7 @@ class GradientAccumulation(keras.callbacks.Callback):
         memory_probe: Callable[[int], int] | None = None,
     ):
         super().__init__()
-        if micro_batch_size != _AUTO and (
-            isinstance(micro_batch_size, bool)
-            or not isinstance(micro_batch_size, numbers.Integral)
-            or micro_batch_size <= 0
-        ):
-            raise ValueError(
-                "Invalid value for argument `micro_batch_size`. Expected a positive int "
-                f'or "auto". Received: micro_batch_size={micro_batch_size!r}'
-            )
+        micro_batch_size = accumulation_plan.validate_micro_batch_size(micro_batch_size)
         if memory_budget is not None and (
             isinstance(memory_budget, bool)
             or not isinstance(memory_budget, numbers.Real)
@@ -163,9 +144,7 @@ class GradientAccumulation(keras.callbacks.Callback):
                 "Invalid value for argument `memory_probe`. Expected a callable "
                 f"size -> peak bytes, or None. Received: memory_probe={memory_probe!r}"
             )
-        self.micro_batch_size = (
-            micro_batch_size if micro_batch_size == _AUTO else int(micro_batch_size)
-        )
+        self.micro_batch_size = micro_batch_size
         self.memory_budget = memory_budget
         self.memory_margin = float(memory_margin)
         self.memory_probe = memory_probe

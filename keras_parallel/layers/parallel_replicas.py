@@ -16,6 +16,24 @@ def _has_non_trainable_state(model) -> bool:
     return bool(model.non_trainable_weights)
 
 
+def _empty_output_specs(model):
+    """(output structure, [(shape without batch, dtype)]) of `model`, or None.
+
+    None when the model has no symbolic outputs or a non-batch dimension is unknown.
+    """
+    outputs = list(getattr(model, "outputs", None) or [])
+    if not outputs:
+        return None
+    try:
+        structure = model.output
+    except (AttributeError, ValueError):  # Keras 3 Sequential: `outputs` only
+        structure = outputs[0] if len(outputs) == 1 else outputs
+    specs = [(tuple(t.shape)[1:], t.dtype) for t in outputs]
+    if any(d is None for shape, _ in specs for d in shape):
+        return None
+    return structure, specs
+
+
 @register
 class ParallelReplicas(keras.layers.Wrapper):
     """Runs a model on one slice of the batch per device and concatenates the outputs.
@@ -113,7 +131,10 @@ class ParallelReplicas(keras.layers.Wrapper):
         self._slicers = [
             BatchSlice(index=i, ratios=ratios, name=f"slice_{i}") for i in range(len(ratios))
         ]
-        self._guard_empty = _has_non_trainable_state(layer)
+        # In training, a replica whose slice is empty is skipped (so BN statistics
+        # never see an empty batch) when the model has such state and a 0-row
+        # stand-in for its outputs can be built (non-batch output dims known).
+        self._empty_specs = _empty_output_specs(layer) if _has_non_trainable_state(layer) else None
 
     @property
     def metrics(self):
@@ -154,34 +175,22 @@ class ParallelReplicas(keras.layers.Wrapper):
         return outputs
 
     def _guarded_call(self, piece, training):
-        if not (training and self._guard_empty):
+        if not (training and self._empty_specs is not None):
             return self._call_replica(piece, training)
         rows = _ops.batch_size(_ops.flatten(piece)[0])
         if isinstance(rows, int):
-            if rows > 0:
-                return self._call_replica(piece, training)
-            return self._empty_outputs()
-        empty = self._empty_outputs()
-        if empty is None:  # output shapes not static: cannot build an empty stand-in
-            return self._call_replica(piece, training)
+            return self._call_replica(piece, training) if rows > 0 else self._empty_outputs()
         return _ops.cond(
             _ops.greater(rows, 0),
             lambda: self._call_replica(piece, training),
-            lambda: self._empty_outputs(),
+            self._empty_outputs,
         )
 
     def _empty_outputs(self):
-        outputs = getattr(self.layer, "outputs", None)
-        structure = getattr(self.layer, "output", None)
-        if not outputs:
-            return None
-        empties = []
-        for tensor in outputs:
-            shape = tuple(tensor.shape)[1:]
-            if any(d is None for d in shape):
-                return None
-            empties.append(_ops.empty_rows(shape, tensor.dtype))
-        return _ops.pack_sequence_as(structure, empties)
+        structure, specs = self._empty_specs
+        return _ops.pack_sequence_as(
+            structure, [_ops.empty_rows(shape, dtype) for shape, dtype in specs]
+        )
 
     def call(self, inputs, training=None):
         outputs = self.replica_outputs(inputs, training=training)
