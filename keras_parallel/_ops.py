@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
-from keras_parallel._compat import IS_KERAS_3, keras
+from keras_parallel._compat import IS_KERAS_3, backend_name, keras
+
+#: Keras 3 can run a layer on given variable values (`keras.StatelessScope`);
+#: `call_on_local_values` needs it.
+HAS_STATELESS_SCOPE = IS_KERAS_3 and hasattr(keras, "StatelessScope")
+
+
+def inside_xla_compilation() -> bool:
+    """True while TensorFlow traces a function for XLA; False on other backends."""
+    if backend_name() != "tensorflow":
+        return False
+    from keras_parallel._tensorflow.xla import inside_xla_compilation as inside
+
+    return inside()
 
 if IS_KERAS_3:
     ops = keras.ops
@@ -31,8 +44,47 @@ if IS_KERAS_3:
     def empty_rows(shape, dtype):
         return ops.zeros((0, *shape), dtype=dtype)
 
+    def zero_loss():
+        return ops.zeros((), dtype="float32")
+
+    def add_n(values):
+        total = values[0]
+        for value in values[1:]:
+            total = ops.add(total, value)
+        return total
+
+    def scale_by_ratio(value, numerator, denominator):
+        ratio = ops.divide(ops.cast(numerator, "float32"), ops.cast(denominator, "float32"))
+        return ops.multiply(value, ratio)
+
+    def call_on_local_values(layer, inputs, kwargs):
+        """Calls `layer` with its variables read as values on the current device.
+
+        Each variable of `layer` is copied once onto the device in scope (the
+        copy carries the gradient back to the variable), so nothing inside the
+        call reaches into another device's variables: an XLA-compiled function
+        inside the layer (Keras's grouped convolutions) cannot read a variable
+        that lives on another device. Updates the call makes (BatchNormalization's
+        moving statistics, random seeds) are applied to the variables afterwards,
+        as a plain call would; losses it adds are returned, summed, with the
+        outputs: `(outputs, loss)`.
+        """
+        variables = list(layer.variables)
+        mapping = [(v, ops.copy(v)) for v in variables]
+        with keras.StatelessScope(state_mapping=mapping, collect_losses=True) as scope:
+            given = {id(v): scope.get_current_value(v) for v in variables}
+            outputs = layer(inputs, **kwargs)
+            losses = list(scope.losses)
+        for variable in variables:
+            value = scope.get_current_value(variable)
+            if value is not given[id(variable)]:
+                variable.assign(value)
+        loss = add_n([ops.cast(x, "float32") for x in losses]) if losses else zero_loss()
+        return outputs, loss
+
 else:
     from keras_parallel._tensorflow.ops import (  # noqa: F401
+        add_n,
         batch_size,
         ceil_boundary,
         concatenate,
@@ -43,4 +95,8 @@ else:
         map_structure,
         pack_sequence_as,
         slice_rows,
+        zero_loss,
     )
+
+    def call_on_local_values(layer, inputs, kwargs):  # pragma: no cover - Keras 3 only
+        raise NotImplementedError("call_on_local_values needs keras.StatelessScope (Keras 3)")

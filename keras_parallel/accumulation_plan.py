@@ -13,50 +13,21 @@ few small sizes, and `largest_fitting_micro_batch` picks the largest ``m`` with
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Iterable
+
+from keras_parallel import _validation
 
 _TOLERANCE = 1e-9
 
 __all__ = [
     "accumulation_steps",
-    "validate_micro_batch_size",
     "micro_batch_sizes",
     "fit_peak_line",
+    "least_squares_line",
     "largest_fitting_micro_batch",
     "plan_micro_batch_size",
     "probe_sizes",
 ]
-
-
-def _check_positive_int(name: str, value, allow_zero: bool = False) -> None:
-    low = 0 if allow_zero else 1
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        kind = "non-negative" if allow_zero else "positive"
-        raise ValueError(
-            f"Invalid value for argument `{name}`. Expected a {kind} int. "
-            f"Received: {name}={value!r}"
-        )
-
-
-def validate_micro_batch_size(value, allow_none: bool = False):
-    """Checks a `micro_batch_size` argument: a positive int or "auto" (or None).
-
-    Returns:
-        The value, with integers (numpy's too) as a Python int.
-
-    Raises:
-        ValueError: naming the argument, what was expected and what came.
-    """
-    if value == "auto" or (allow_none and value is None):
-        return value
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-        expected = 'None, a positive int or "auto"' if allow_none else 'a positive int or "auto"'
-        raise ValueError(
-            f"Invalid value for argument `micro_batch_size`. Expected {expected}. "
-            f"Received: micro_batch_size={value!r}"
-        )
-    return int(value)
 
 
 def accumulation_steps(batch_size: int, micro_batch_size: int, num_replicas: int = 1) -> int:
@@ -75,9 +46,9 @@ def accumulation_steps(batch_size: int, micro_batch_size: int, num_replicas: int
     Returns:
         The number of accumulation steps, an int.
     """
-    _check_positive_int("batch_size", batch_size, allow_zero=True)
-    _check_positive_int("micro_batch_size", micro_batch_size)
-    _check_positive_int("num_replicas", num_replicas)
+    batch_size = _validation.validate_non_negative_int(batch_size, "batch_size")
+    micro_batch_size = _validation.validate_positive_int(micro_batch_size, "micro_batch_size")
+    num_replicas = _validation.validate_positive_int(num_replicas, "num_replicas")
     return -(-batch_size // (num_replicas * micro_batch_size))
 
 
@@ -88,17 +59,18 @@ def micro_batch_sizes(batch_size: int, rows_per_step: int) -> list[int]:
     the remainder. The shares ``size / batch_size`` sum to 1; they are the weights
     of the micro-batch losses.
     """
-    _check_positive_int("batch_size", batch_size, allow_zero=True)
-    _check_positive_int("rows_per_step", rows_per_step)
+    batch_size = _validation.validate_non_negative_int(batch_size, "batch_size")
+    rows_per_step = _validation.validate_positive_int(rows_per_step, "rows_per_step")
     full, rest = divmod(batch_size, rows_per_step)
     return [rows_per_step] * full + ([rest] if rest else [])
 
 
-def fit_peak_line(points: Iterable[tuple[float, float]]) -> tuple[float, float]:
+def least_squares_line(points: Iterable[tuple[float, float]]) -> tuple[float, float]:
     """Least-squares line ``peak = a + b * m`` through measured ``(m, peak)`` points.
 
     With one distinct size the line goes through the origin (``a = 0``), the
-    cautious choice: all memory is taken to grow with the batch.
+    cautious choice: all memory is taken to grow with the batch. The intercept
+    may come out negative; `fit_peak_line` is the line the planner uses.
 
     Returns:
         ``(a, b)``: intercept in bytes and bytes per row.
@@ -112,7 +84,7 @@ def fit_peak_line(points: Iterable[tuple[float, float]]) -> tuple[float, float]:
             "Invalid value for argument `points`. Expected at least one (size, peak) "
             "pair. Received: points=[]"
         )
-    if any(m <= 0 for m, _ in points):
+    if any(not m > 0 for m, _ in points):
         raise ValueError(
             "Invalid value for argument `points`. Expected positive sizes. "
             f"Received: points={points!r}"
@@ -128,6 +100,26 @@ def fit_peak_line(points: Iterable[tuple[float, float]]) -> tuple[float, float]:
     cov = sum((m - mean_m) * (p - mean_p) for m, p in points)
     slope = cov / var
     return mean_p - slope * mean_m, slope
+
+
+def fit_peak_line(points: Iterable[tuple[float, float]]) -> tuple[float, float]:
+    """The memory line the planner uses: ``peak = a + b * m``, with ``a >= 0``.
+
+    The least-squares line (`least_squares_line`) through measured
+    ``(m, peak)`` points. Its intercept can come out negative when the peaks
+    grow faster than the sizes at the few sizes measured (a workspace that only
+    larger batches need): a line that claims less than nothing for a small
+    batch. The intercept is then taken as 0, which keeps the slope and only
+    raises the line, so the plan stays on the cautious side.
+
+    Returns:
+        ``(a, b)``: intercept in bytes (>= 0) and bytes per row.
+
+    Raises:
+        ValueError: when there is no point, or a size is not positive.
+    """
+    intercept, slope = least_squares_line(points)
+    return max(0.0, intercept), slope
 
 
 def largest_fitting_micro_batch(
@@ -151,13 +143,8 @@ def largest_fitting_micro_batch(
         is the best there is), at most `max_size`. A line that does not grow
         (``slope <= 0``) fits any size: `max_size` is returned.
     """
-    if not 0 < margin <= 1:
-        raise ValueError(
-            "Invalid value for argument `margin`. Expected a float in (0, 1]. "
-            f"Received: margin={margin!r}"
-        )
-    if max_size is not None:
-        _check_positive_int("max_size", max_size)
+    _validation.validate_fraction(margin, "margin")
+    max_size = _validation.validate_positive_int(max_size, "max_size", allow_none=True)
     # A relative tolerance keeps float rounding (0.8 * 2000, a fitted slope of
     # 99.999999) from costing a row that fits exactly.
     budget = margin * limit * (1 + _TOLERANCE)
@@ -180,7 +167,7 @@ def largest_fitting_micro_batch(
 
 def probe_sizes(batch_size: int) -> list[int]:
     """Small micro-batch sizes to measure for a batch: about 1/16, 1/8 and 1/4 of it."""
-    _check_positive_int("batch_size", batch_size)
+    batch_size = _validation.validate_positive_int(batch_size, "batch_size")
     return sorted({max(1, batch_size // d) for d in (16, 8, 4)})
 
 

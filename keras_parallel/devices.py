@@ -7,49 +7,19 @@ user may write (``"/gpu:0"``, ``"GPU:1"``, ``"gpu"``, ``"/cpu:0"``, a full
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
+from keras_parallel import _validation
 from keras_parallel._compat import IS_KERAS_3, backend_name, keras
+from keras_parallel._validation import canonical_device_name
 
 __all__ = [
     "list_devices",
     "canonical_device_name",
     "resolve_devices",
     "device_scope",
+    "split_cpu",
 ]
-
-_DEVICE_RE = re.compile(
-    r"^(?:/job:[^/]+)?(?:/replica:\d+)?(?:/task:\d+)?/?(?:device:)?"
-    r"(?P<type>[a-z_]+)(?::(?P<index>\d+))?$",
-    re.IGNORECASE,
-)
-
-
-def canonical_device_name(name: str) -> str:
-    """Returns `name` in the canonical form ``"/device:TYPE:INDEX"``.
-
-    Args:
-        name: str. A device name such as ``"/gpu:0"``, ``"GPU:1"``, ``"cpu"``
-            or ``"/job:localhost/replica:0/task:0/device:GPU:0"``. A name
-            without an index means index 0.
-
-    Raises:
-        ValueError: when `name` is not a device name.
-    """
-    if not isinstance(name, str):
-        raise ValueError(
-            f"Invalid device name. Expected a string such as '/gpu:0'. Received: {name!r}"
-        )
-    match = _DEVICE_RE.match(name.strip())
-    if match is None:
-        raise ValueError(
-            "Invalid device name. Expected a string such as '/gpu:0', 'GPU:1' or "
-            f"'/cpu:0'. Received: {name!r}"
-        )
-    kind = match.group("type").upper()
-    index = int(match.group("index") or 0)
-    return f"/device:{kind}:{index}"
 
 
 def list_devices(device_type: str | None = None) -> list[str]:
@@ -111,33 +81,100 @@ def resolve_devices(devices: None | int | str | Sequence[str] = None) -> list[st
                 f"Available devices: {available}"
             )
         return gpus[:devices] if gpus else ["/device:CPU:0"]
-    if isinstance(devices, str):
-        devices = [devices]
-    if len(devices) == 0:
-        raise ValueError(
-            "Invalid value for argument `devices`. Expected at least one device. "
-            "Received: devices=[]"
-        )
-    names = []
-    for device in devices:
-        try:
-            name = canonical_device_name(device)
-        except ValueError as error:
-            raise ValueError(
-                f"Invalid value for argument `devices`. {error}. Available devices: {available}"
-            ) from None
+    try:
+        names = _validation.validate_devices(devices, "devices")
+    except ValueError as error:
+        raise ValueError(f"{error} Available devices: {available}") from None
+    given = [devices] if isinstance(devices, str) else devices
+    for device, name in zip(given, names, strict=True):
         if name not in available:
+            hint = ""
+            if ":CPU:" in name:
+                hint = (
+                    " To place work on several CPU devices, split the CPU first, at the "
+                    "start of the program: keras_parallel.split_cpu(n) (on the command "
+                    "line: --cpus n)."
+                )
             raise ValueError(
                 f"Invalid value for argument `devices`. Unknown device {device!r}. "
-                f"Available devices: {available}"
+                f"Available devices: {available}.{hint}"
             )
-        if name in names:
-            raise ValueError(
-                "Invalid value for argument `devices`. Each device may appear once. "
-                f"Received: devices={list(devices)!r}"
-            )
-        names.append(name)
     return names
+
+
+def split_cpu(num_devices: int) -> list[str]:
+    """Splits the CPU into logical devices, to run multi-device code without a GPU.
+
+    TensorFlow can present the CPU as several logical devices. `DataParallel`,
+    `plan`, `GPUMemoryLogger` and the `keras-parallel` command then see several
+    devices, so a machine without GPUs (a laptop, CI) runs the same code as a
+    machine with several GPUs: slicing, unequal splits, merging the outputs,
+    gradient accumulation, saving and loading.
+
+    Limits: the logical devices share the same cores and the same memory. A run
+    on them shows the mechanics and that the results are right, not speed: n
+    logical CPUs are no faster than one (rather a little slower). They have no
+    memory limit, so `split="memory"` and `micro_batch_size="auto"` have no
+    figures there: give ratios (`split=[2, 1]`) and `memory_budget`. TensorFlow
+    backend only (Keras 3 on TensorFlow, or tf-keras).
+
+    Call it at the start of the program, before anything starts TensorFlow's
+    devices (creating a tensor or a model, listing logical devices): TensorFlow
+    fixes its devices when it starts them. Calling it again with the same
+    number, even later, does nothing.
+
+    Args:
+        num_devices: int. How many logical CPU devices to make, at least 1.
+
+    Returns:
+        The names of the logical CPU devices,
+        ``["/device:CPU:0", ..., f"/device:CPU:{num_devices - 1}"]``.
+
+    Raises:
+        ValueError: if `num_devices` is not a positive int.
+        RuntimeError: if TensorFlow's devices have already started with another
+            number of CPU devices.
+        NotImplementedError: on a Keras backend other than TensorFlow.
+
+    Example:
+
+    ```python
+    import keras_parallel
+
+    devices = keras_parallel.split_cpu(2)  # first thing in the program
+    parallel = keras_parallel.DataParallel(model, devices=devices, split=[2, 1])
+    ```
+    """
+    num_devices = _validation.validate_positive_int(num_devices, "num_devices")
+    backend = backend_name()
+    if backend != "tensorflow":
+        hint = (
+            " On JAX, set XLA_FLAGS=--xla_force_host_platform_device_count=N before JAX "
+            "starts instead."
+            if backend == "jax"
+            else ""
+        )
+        raise NotImplementedError(
+            "split_cpu() splits TensorFlow's CPU device, so it needs the TensorFlow "
+            f"backend; the Keras backend here is {backend!r}.{hint}"
+        )
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    try:
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(num_devices)]
+        )
+    except RuntimeError:  # the devices have started: only the same split is possible
+        started = len(tf.config.list_logical_devices("CPU"))
+        if started != num_devices:
+            raise RuntimeError(
+                f"split_cpu({num_devices}) comes too late: TensorFlow has already started "
+                f"its devices, with {started} CPU device(s). Call "
+                f"keras_parallel.split_cpu({num_devices}) at the start of the program, "
+                "before anything creates a tensor or a model or lists TensorFlow's devices."
+            ) from None
+    return [f"/device:CPU:{i}" for i in range(num_devices)]
 
 
 def remap_missing_devices(devices: Sequence[str]) -> tuple[list[str], list[str]]:

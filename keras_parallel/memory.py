@@ -8,7 +8,9 @@ inject one with fixed figures, and each backend brings its own:
 
 - `TensorFlowSource` (TensorFlow, Keras 3 or tf-keras): what the allocator hands
   out now and at peak; the limit is a logical device's configured limit, else
-  the card's total (NVML); the peak resets (`reset_memory_stats`).
+  the card's total (NVML); the peak resets (`reset_memory_stats`). A CPU has
+  figures only when TensorFlow started with ``TF_CPU_ALLOCATOR_USE_BFC=true``,
+  with oneDNN on or off (oneDNN's own CPU figures count large blocks only).
 - `JaxSource` (Keras 3 on JAX): `bytes_in_use`, `peak_bytes_in_use`,
   `bytes_limit`; the peak cannot be reset, so it is the peak since start.
 - `TorchSource` (Keras 3 on torch): `memory_allocated`,
@@ -72,6 +74,8 @@ class MemorySource:
     Device names are canonical (``"/device:GPU:0"``). `read` may raise any
     exception for a device it cannot measure (a CPU without allocator
     statistics, a device that disappeared): callers treat that as "no figures".
+    A source that cannot measure a device raises rather than returning zeros:
+    a reading of 0 bytes means nothing is allocated.
 
     Example:
 
@@ -96,6 +100,15 @@ class MemorySource:
     def reset_peak(self, device: str) -> bool:
         """Resets the peak of `device`. Returns False where it cannot."""
         return False
+
+    def allocator(self, device: str) -> str:
+        """The device whose allocator `read(device)` reports.
+
+        Devices that give the same answer share one allocator, so one set of
+        figures (TensorFlow's logical CPU devices all share the CPU's). By
+        default each device has its own.
+        """
+        return device
 
     def physical_device(self, device: str) -> str:
         """The framework's physical GPU that holds `device` (for NVML).

@@ -7,10 +7,11 @@ import warnings
 from collections.abc import Sequence
 
 from keras_parallel import _ops
-from keras_parallel._compat import keras
+from keras_parallel._compat import IS_KERAS_3, keras
 from keras_parallel.devices import resolve_devices
 from keras_parallel.layers.batch_slice import BatchSlice, validate_ratios
 from keras_parallel.layers.parallel_replicas import ParallelReplicas
+from keras_parallel.parallel_model import ParallelModel
 from keras_parallel.probes import DeviceProbe, split_ratios
 
 __all__ = ["DataParallel", "unwrap", "replicas", "custom_objects"]
@@ -43,8 +44,31 @@ def walk_layers(model):
                 stack.append(child)
 
 
+def _keras_package_of(obj) -> str | None:
+    """"keras" or "tf_keras" when `obj` is a model of that package, else None."""
+    for cls in type(obj).__mro__:
+        root = (cls.__module__ or "").split(".")[0]
+        if root in ("keras", "tf_keras") and cls.__name__ in ("Model", "Layer"):
+            return root
+    return None
+
+
 def _check_template(model):
     if not isinstance(model, keras.Model):
+        package = _keras_package_of(model)
+        using = "Keras 3 (`keras`)" if IS_KERAS_3 else "tf-keras (`tf_keras`)"
+        if package is not None and (package == "tf_keras") == IS_KERAS_3:
+            other = "tf-keras (`tf_keras`)" if package == "tf_keras" else "Keras 3 (`keras`)"
+            raise ValueError(
+                f"Invalid value for argument `model`. The model comes from {other}, but "
+                f"keras_parallel is using {using}. Both must use the same Keras: "
+                "keras_parallel follows TensorFlow's switch `TF_USE_LEGACY_KERAS`, read "
+                "once when keras_parallel is first imported (set it to 1 for tf-keras, "
+                "leave it unset for Keras 3), so set it before importing keras_parallel "
+                "and build the model with the matching package. Received: model "
+                f"{getattr(model, 'name', model)!r} of type {type(model).__module__}."
+                f"{type(model).__name__}"
+            )
         raise ValueError(
             "Invalid value for argument `model`. Expected a Keras model. "
             f"Received: model={model!r} of type {type(model).__name__}"
@@ -267,7 +291,7 @@ def DataParallel(
         for out_name, tensor in zip(output_names, flat, strict=True)
     ]
     outputs = _ops.pack_sequence_as(merged, renamed)
-    parallel = keras.Model(inputs, outputs, name=name or f"{model.name}_data_parallel")
+    parallel = ParallelModel(inputs, outputs, name=name or f"{model.name}_data_parallel")
     logger.info(
         "DataParallel(%s): devices %s, split %r, ratios %s%s",
         model.name,
@@ -357,6 +381,10 @@ def custom_objects() -> dict:
     without it; pass it where registration is not enough (an older file, a
     custom loader).
     """
-    objects = {"BatchSlice": BatchSlice, "ParallelReplicas": ParallelReplicas}
+    objects = {
+        "BatchSlice": BatchSlice,
+        "ParallelReplicas": ParallelReplicas,
+        "ParallelModel": ParallelModel,
+    }
     objects.update({f"keras_parallel>{k}": v for k, v in list(objects.items())})
     return objects

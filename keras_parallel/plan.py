@@ -6,7 +6,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
-from keras_parallel import accumulation_plan
+from keras_parallel import _validation, accumulation_plan
 from keras_parallel._compat import backend_name
 from keras_parallel.devices import resolve_devices
 from keras_parallel.layers.batch_slice import slice_sizes
@@ -25,15 +25,19 @@ class Plan:
         batch_size: int. Rows `fit` hands the model per step.
         devices: list of str. One per slice.
         ratios: list of float. Slice weights, one per device.
-        micro_batch_size: int or None. Rows per device per accumulation step
-            (`GradientAccumulation`), None without accumulation.
+        micro_batch_size: int or None. `GradientAccumulation`'s micro-batch
+            size, None without accumulation: a micro step holds up to
+            ``len(devices) * micro_batch_size`` rows, cut by the ratios, so it
+            is the rows per device on average (exactly, on an even split).
         accumulation_steps: int. Micro steps per batch (1 without accumulation):
             ``ceil(batch_size / (len(devices) * micro_batch_size))``.
-        rows_per_step: int. Rows of one micro step over all devices.
-        rows_per_device: list of int. Rows each device computes at once (of
-            the first, largest micro step).
+        rows_per_step: int. Rows of one full micro step over all devices (the
+            last step holds the rest of the batch).
+        rows_per_device: list of int. Rows each device computes at once, in a
+            full micro step: `rows_per_step` cut by the ratios.
         peak_bytes: list of int or None. Expected peak per device,
-            ``a + b * rows`` from the measured line, where it could be measured.
+            ``a + b * rows`` from the line through the measured peaks (its
+            intercept never below 0), where they could be measured.
         limit_bytes: list of int or None. What each device may use.
         fits: bool or None. Whether every expected peak is within
             ``margin * limit``; None when figures are missing (a CPU).
@@ -61,16 +65,17 @@ class Plan:
         def mib(value):
             return "?" if value is None else f"{value / MIB:,.0f}"
 
-        lines = [
-            f"Plan for batch {self.batch_size} on {len(self.devices)} device(s): "
-            + (
-                f"micro-batch {self.micro_batch_size} per device, "
-                f"{self.accumulation_steps} accumulation step(s) of {self.rows_per_step} rows"
-                if self.micro_batch_size is not None
-                else "no accumulation"
-            ),
-            f"{'device':<16}{'ratio':>7}{'rows':>7}{'peak MiB':>11}{'limit MiB':>11}{'use':>7}",
-        ]
+        n = len(self.devices)
+        lines = [f"Plan for batch {self.batch_size} on {n} device(s): {self._steps()}"]
+        if self.micro_batch_size is not None:
+            lines.append(
+                f"micro_batch_size={self.micro_batch_size}: a step holds up to "
+                f"{self.micro_batch_size} x {n} = {self.micro_batch_size * n} rows, "
+                "cut by the ratios"
+            )
+        lines.append(
+            f"{'device':<16}{'ratio':>7}{'rows':>7}{'peak MiB':>11}{'limit MiB':>11}{'use':>7}"
+        )
         for i, device in enumerate(self.devices):
             peak, limit = self.peak_bytes[i], self.limit_bytes[i]
             use = "?" if peak is None or not limit else f"{peak / limit:.0%}"
@@ -83,12 +88,16 @@ class Plan:
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
 
-
-def _check_batch_size(batch_size) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(
-            "Invalid value for argument `batch_size`. Expected a positive int. "
-            f"Received: batch_size={batch_size!r}"
+    def _steps(self) -> str:
+        """The steps and each device's rows of a full step, as the table shows them."""
+        split = " + ".join(str(r) for r in self.rows_per_device)
+        if self.accumulation_steps <= 1:
+            return f"1 step of {self.rows_per_step} rows, split {split} (no accumulation)"
+        last = self.batch_size - (self.accumulation_steps - 1) * self.rows_per_step
+        tail = "" if last == self.rows_per_step else f" (the last of {last})"
+        return (
+            f"{self.accumulation_steps} accumulation steps of {self.rows_per_step} rows"
+            f"{tail}, each split {split}"
         )
 
 
@@ -142,21 +151,22 @@ def plan(
 
     Raises:
         ValueError: for a `batch_size` that is not a positive int, a bad
-            `micro_batch_size`, `memory_margin` outside (0, 1], or arguments
-            `DataParallel` would refuse.
+            `micro_batch_size`, `memory_budget` that is not a positive number,
+            `memory_margin` outside (0, 1] (a bool included), a `memory_probe`
+            that cannot be called, or arguments `DataParallel` would refuse.
     """
     from keras_parallel.parallel import _resolve_split, replicas, unwrap
 
-    _check_batch_size(batch_size)
-    micro_batch_size = accumulation_plan.validate_micro_batch_size(
-        micro_batch_size, allow_none=True
+    batch_size = _validation.validate_positive_int(batch_size, "batch_size")
+    micro_batch_size = _validation.validate_micro_batch_size(micro_batch_size, allow_none=True)
+    memory_budget = _validation.validate_positive_number(
+        memory_budget, "memory_budget", allow_none=True
     )
-    if not 0 < memory_margin <= 1:
-        raise ValueError(
-            "Invalid value for argument `memory_margin`. Expected a float in (0, 1]. "
-            f"Received: memory_margin={memory_margin!r}"
-        )
-    probe = probe or DeviceProbe()
+    memory_margin = _validation.validate_fraction(memory_margin, "memory_margin")
+    memory_probe = _validation.validate_callable(
+        memory_probe, "memory_probe", expected="a callable rows -> peak bytes", allow_none=True
+    )
+    probe = _validation.validate_device_probe(probe, "probe", allow_none=True) or DeviceProbe()
     notes = []
     template = unwrap(model)
     if template is not model:
@@ -186,16 +196,13 @@ def plan(
         points = []
         for rows in accumulation_plan.probe_sizes(per_device):
             peak = probe_fn(rows)
-            if peak is None:
+            if peak is None or peak <= 0:  # no statistics (some CPUs report zeros)
                 points = []
                 break
             points.append((rows, peak))
         if points:
             peak_line = accumulation_plan.fit_peak_line(points)
-            notes.append(
-                f"peak memory measured at {[p[0] for p in points]} rows: "
-                f"{peak_line[0] / MIB:,.1f} MiB + {peak_line[1] / MIB:,.2f} MiB per row"
-            )
+            notes.append(_peak_line_note(points, peak_line))
     if peak_line is None:
         notes.append("no allocator statistics here: expected peaks unknown")
 
@@ -203,7 +210,7 @@ def plan(
         micro = auto_micro_batch_size(batch_size, ratios, limits, peak_line, memory_margin)
         if micro is None:
             micro = math.ceil(batch_size / n)
-            notes.append("'auto' keeps the batch whole: no memory limit or no measured peaks")
+            notes.append(_kept_whole_note(device_list, limits, peak_line))
     else:
         micro = micro_batch_size
 
@@ -234,6 +241,32 @@ def plan(
         margin=memory_margin,
         notes=notes,
     )
+
+
+def _peak_line_note(points, peak_line) -> str:
+    sizes = ", ".join(str(rows) for rows, _ in points)
+    peaks = ", ".join(f"{peak / MIB:,.1f}" for _, peak in points)
+    note = (
+        f"peak memory measured at {sizes} rows: {peaks} MiB; line: "
+        f"{peak_line[0] / MIB:,.1f} MiB + {peak_line[1] / MIB:,.2f} MiB per row"
+    )
+    fitted, _ = accumulation_plan.least_squares_line(points)
+    if fitted < 0:
+        note += (
+            f" (the fitted intercept, {fitted / MIB:,.1f} MiB, was below zero: it is "
+            "taken as 0, which only raises the line)"
+        )
+    return note
+
+
+def _kept_whole_note(devices, limits, peak_line) -> str:
+    reasons = []
+    unknown = [d for d, limit in zip(devices, limits, strict=True) if limit is None]
+    if unknown:
+        reasons.append(f"no memory limit for {', '.join(unknown)} (`memory_budget` sets one)")
+    if peak_line is None:
+        reasons.append("no measured peaks")
+    return "'auto' keeps the batch whole: " + " and ".join(reasons)
 
 
 def auto_micro_batch_size(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from keras_parallel import _validation
 from keras_parallel._compat import backend_name
 
 __all__ = ["DeviceProbe", "split_ratios"]
@@ -22,10 +23,19 @@ class DeviceProbe:
             for `split="speed"`. Defaults to `4`.
         speed_repeats: int. Timed passes per device (the median counts).
             Defaults to `3`.
+
+    Raises:
+        ValueError: if `speed_batch_size` or `speed_repeats` is not a positive int.
     """
 
     speed_batch_size: int = 4
     speed_repeats: int = 3
+
+    def __post_init__(self):
+        self.speed_batch_size = _validation.validate_positive_int(
+            self.speed_batch_size, "speed_batch_size"
+        )
+        self.speed_repeats = _validation.validate_positive_int(self.speed_repeats, "speed_repeats")
 
     def memory_limit(self, device: str) -> int | None:
         """Usable bytes on `device`, or None when unknown (a CPU)."""
@@ -62,13 +72,12 @@ def split_ratios(
         when a figure is missing: a device without a known memory limit), and
         the raw figures per device (bytes or samples/s).
     """
-    probe = probe or DeviceProbe()
+    split = _validation.validate_choice(split, "split", ("memory", "speed"))
+    probe = _validation.validate_device_probe(probe, "probe", allow_none=True) or DeviceProbe()
     if split == "memory":
         figures = {d: probe.memory_limit(d) for d in devices}
-    elif split == "speed":
-        figures = {d: probe.throughput(model, d) for d in devices}
     else:
-        raise ValueError(f"Unknown measured split {split!r}")
+        figures = {d: probe.throughput(model, d) for d in devices}
     values = list(figures.values())
     if any(v is None or v <= 0 for v in values):
         return None, figures

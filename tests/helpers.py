@@ -45,3 +45,20 @@ def assert_weights_close(actual, expected, rtol=1e-5, atol=1e-7):
     assert len(actual) == len(expected)
     for a, b in zip(actual, expected, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol)
+
+
+def op_device_indices(concrete_function, op_type: str) -> set[int]:
+    """Device indices of every `op_type` op in a traced function, nested functions included.
+
+    The ops of `tf.cond` branches live in the graph's function library; their
+    device placement is read from there too.
+    """
+    import tensorflow as tf
+
+    graph_def = concrete_function.graph.as_graph_def()
+    nodes = list(graph_def.node) + [n for f in graph_def.library.function for n in f.node_def]
+    return {
+        tf.DeviceSpec.from_string(node.device).device_index
+        for node in nodes
+        if node.op == op_type
+    }

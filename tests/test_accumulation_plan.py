@@ -49,6 +49,27 @@ def test_fit_peak_line_recovers_an_exact_line(intercept, slope, ms):
     assert a == pytest.approx(intercept, rel=1e-6, abs=slope * 1e-3 + 1)
 
 
+@given(
+    points=st.lists(
+        st.tuples(st.integers(1, 512), st.integers(0, 2**34)), min_size=1, max_size=6
+    )
+)
+def test_fit_peak_line_never_has_a_negative_intercept_nor_drops_below_least_squares(points):
+    a, b = plan.fit_peak_line(points)
+    a_ls, b_ls = plan.least_squares_line(points)
+    assert a >= 0 and b == b_ls
+    assert a == max(0.0, a_ls)
+    for m in (0, 1, 16, 4096):  # the planner's line is never below the fitted one
+        assert a + b * m >= a_ls + b_ls * m
+
+
+def test_fit_peak_line_clamps_the_issue_example():
+    mib = 2**20
+    points = [(1, 0 * mib), (2, 4 * mib), (4, 12 * mib)]
+    assert plan.least_squares_line(points) == (pytest.approx(-4 * mib), pytest.approx(4 * mib))
+    assert plan.fit_peak_line(points) == (0.0, pytest.approx(4 * mib))
+
+
 def test_fit_peak_line_with_one_size_goes_through_the_origin():
     assert plan.fit_peak_line([(4, 400.0), (4, 404.0)]) == (0.0, pytest.approx(100.5))
     with pytest.raises(ValueError, match="points"):
@@ -115,6 +136,10 @@ def test_probe_sizes_are_small_and_in_the_batch(batch):
         (lambda: plan.accumulation_steps(8, 2, 0), "num_replicas"),
         (lambda: plan.micro_batch_sizes(8, 2.5), "rows_per_step"),
         (lambda: plan.largest_fitting_micro_batch(0, 1, 10, margin=0), "margin"),
+        (lambda: plan.largest_fitting_micro_batch(0, 1, 10, margin=True), "margin"),
+        (lambda: plan.accumulation_steps(8, True), "micro_batch_size"),
+        (lambda: plan.accumulation_steps(True, 2), "batch_size"),
+        (lambda: plan.probe_sizes(0), "batch_size"),
     ],
 )
 def test_invalid_arguments_name_the_argument(call, name):

@@ -1,7 +1,8 @@
-"""The `keras-parallel` command, run as a subprocess: outputs and exit codes."""
+"""The `keras-parallel` command, run as the installed entry point: outputs and exit codes."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,15 +12,26 @@ import pytest
 
 from keras_parallel._compat import keras
 
+# The command as `pip install` wires it: the `keras-parallel` console-script entry point.
+LOAD_MAIN = (
+    "from importlib.metadata import entry_points\n"
+    "(entry,) = entry_points(group='console_scripts', name='keras-parallel')\n"
+    "main = entry.load()\n"
+)
+
+
+def user_env():
+    """The environment a user has: TensorFlow's log level left to the command."""
+    return {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+
 
 def run_cli(*args, timeout=300):
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     return subprocess.run(
-        [sys.executable, "-m", "keras_parallel.cli", *args],
+        [sys.executable, "-c", LOAD_MAIN + "import sys\nsys.exit(main(sys.argv[1:]))\n", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=env,
+        env=user_env(),
     )
 
 
@@ -31,38 +43,95 @@ def saved_model(tmp_path_factory):
     return str(path)
 
 
-def test_devices_lists_a_table():
-    result = run_cli("devices")
+RUN_MANY = LOAD_MAIN + """
+import contextlib, io, json, sys
+results = []
+for argv in json.loads(sys.argv[1]):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as exit:
+            code = exit.code
+    results.append([code, out.getvalue(), err.getvalue()])
+heavy = sorted(m for m in ("tensorflow", "keras", "tf_keras") if m in sys.modules)
+print(json.dumps({"results": results, "heavy": heavy}))
+"""
+
+
+def test_help_and_argument_errors_come_without_importing_tensorflow(saved_model, tmp_path):
+    text_file = tmp_path / "notes.keras"
+    text_file.write_text("not a model")
+    h5_file = tmp_path / "notes.h5"
+    h5_file.write_text("not a model")
+    plan = ["plan", saved_model, "--batch-size"]
+    cases = [
+        (["--help"], 0, "devices"),
+        (["plan", "--help"], 0, "--cpus N"),
+        (["demo", "--help"], 0, "--micro-batch-size"),
+        (["devices", "--cpus", "0"], 2, "--cpus: expected a positive integer, got '0'"),
+        ([*plan, "0"], 2, "--batch-size: expected a positive integer, got '0'"),
+        ([*plan, "2.5"], 2, "--batch-size: expected a positive integer, got '2.5'"),
+        ([*plan, "8", "--micro-batch-size", "big"], 2, 'a positive integer or "auto"'),
+        ([*plan, "8", "--split", "2,-1"], 2, "--split: expected even, memory, speed, or"),
+        (["plan", str(tmp_path / "nope.keras"), "--batch-size", "8"], 3, "no such file"),
+        (["plan", str(text_file), "--batch-size", "8"], 4, "is not a Keras model: a .keras"),
+        (["plan", str(h5_file), "--batch-size", "8"], 4, "is not a Keras model: a .h5"),
+    ]
+    result = subprocess.run(
+        [sys.executable, "-c", RUN_MANY, json.dumps([argv for argv, _, _ in cases])],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=user_env(),
+    )
     assert result.returncode == 0, result.stderr
-    assert "/device:CPU:0" in result.stdout and "memory limit MiB" in result.stdout
+    report = json.loads(result.stdout.splitlines()[-1])
+    for (argv, code, says), (got, out, err) in zip(cases, report["results"], strict=True):
+        assert got == code, (argv, out, err)
+        assert says in (out if code == 0 else err), (argv, out, err)
+        assert "not found" not in err.lower(), (argv, err)
+    assert report["heavy"] == []
 
 
-def test_plan_for_a_saved_model(saved_model):
-    result = run_cli("plan", saved_model, "--batch-size", "32", "--micro-batch-size", "8")
+def test_devices_on_a_cpu_split_in_two_prints_the_table_only():
+    result = run_cli("devices", "--cpus", "2")
     assert result.returncode == 0, result.stderr
-    assert "Plan for batch 32" in result.stdout
-    assert "micro-batch 8 per device" in result.stdout
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["device", "kind", "memory", "limit", "MiB"]
+    assert [line.split()[0] for line in lines[1:3]] == ["/device:CPU:0", "/device:CPU:1"]
+    assert "split into 2 logical devices" in result.stdout
+    assert "same cores" in result.stdout
+    assert result.stderr == ""  # no TensorFlow start-up lines (cuInit, cudart_stub)
 
 
-def test_missing_file_exits_3(tmp_path):
-    result = run_cli("plan", str(tmp_path / "nope.keras"), "--batch-size", "8")
-    assert result.returncode == 3
-    assert "no such file" in result.stderr
+def test_plan_on_a_cpu_split_in_two(saved_model):
+    result = run_cli(
+        "plan", saved_model, "--batch-size", "32", "--cpus", "2",
+        "--devices", "/cpu:0", "/cpu:1", "--split", "2,1", "--micro-batch-size", "16",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == (
+        "Plan for batch 32 on 2 device(s): 1 step of 32 rows, split 22 + 10 (no accumulation)"
+    )
+    assert lines[1] == "micro_batch_size=16: a step holds up to 16 x 2 = 32 rows, cut by the ratios"
+    assert [line.split()[:3] for line in lines[3:5]] == [
+        ["/device:CPU:0", "2", "22"],
+        ["/device:CPU:1", "1", "10"],
+    ]
 
 
-def test_not_a_model_exits_4(tmp_path):
-    path = tmp_path / "notes.keras"
-    path.write_text("not a model")
+def test_a_zip_that_is_not_a_model_exits_4(tmp_path):
+    import zipfile
+
+    path = tmp_path / "archive.keras"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("readme.txt", "not a model")
     result = run_cli("plan", str(path), "--batch-size", "8")
-    assert result.returncode == 4
-    assert "not a Keras model" in result.stderr
-
-
-@pytest.mark.parametrize("value", ["0", "2.5"])
-def test_bad_batch_size_exits_2(saved_model, value):
-    result = run_cli("plan", saved_model, "--batch-size", value)
-    assert result.returncode == 2
-    assert "--batch-size" in result.stderr and "positive integer" in result.stderr
+    assert result.returncode == 4, result.stdout + result.stderr
+    assert "is not a Keras model that loads here" in result.stderr
+    assert "not found" not in result.stderr.lower()
 
 
 @pytest.mark.slow
@@ -71,7 +140,7 @@ def test_demo_end_to_end_tiny(tmp_path):
     result = run_cli(
         "demo", "--samples", "64", "--epochs", "1", "--frames", "4", "--size", "12",
         "--batch-size", "16", "--output", str(out),
-    )
+    )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Plan for batch 16" in result.stdout
     assert "Held-out accuracy" in result.stdout

@@ -131,14 +131,12 @@ def test_bad_device_name_and_source_raise():
         GPUMemoryLogger(source=object())
 
 
-def test_config_round_trip():
-    logger = GPUMemoryLogger(every_n_batches=5, headroom_threshold=1, devices=["/gpu:1"])
-    config = logger.get_config()
-    assert config["devices"] == [GPU1]
-    clone = GPUMemoryLogger.from_config(config)
-    assert clone.get_config() == config
-    registered = keras.saving.get_registered_object("keras_parallel>GPUMemoryLogger")
-    assert registered is GPUMemoryLogger
+def test_has_no_config_like_keras_callbacks():
+    """No lossy config: a source cannot go into one, and callbacks are not saved."""
+    logger = GPUMemoryLogger(every_n_batches=5, source=FakeSource(), nvml=FakeNVML())
+    assert not hasattr(logger, "get_config")
+    assert not hasattr(GPUMemoryLogger, "from_config")
+    assert keras.saving.get_registered_object("keras_parallel>GPUMemoryLogger") is None
 
 
 # -- injected figures: two unequal fake GPUs ------------------------------------
@@ -313,8 +311,10 @@ def test_headroom_warning_fires_once_per_device():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _fit([logger], epochs=3)
-    messages = [str(w.message) for w in caught if "peaked at" in str(w.message)]
+    found = [w for w in caught if "peaked at" in str(w.message)]
+    messages = [str(w.message) for w in found]
     assert len(messages) == 1
+    assert found[0].filename == __file__  # the user's code, not Keras's callback list
     assert "/device:GPU:0" in messages[0]
     assert "950.0 MiB" in messages[0] and "1000.0 MiB" in messages[0]
     assert "GradientAccumulation" in messages[0] and "batch_size // 2" in messages[0]
@@ -330,6 +330,14 @@ def test_no_headroom_warning_below_threshold_or_when_off():
     assert not [w for w in caught if "peaked at" in str(w.message)]
 
 
+def _legend(figure):
+    return [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+
+
+def _notes(figure):
+    return [text.get_text() for text in figure.texts]
+
+
 def test_summary_and_plot(tmp_path):
     source = FakeSource()
     plan = {1: {GPU0: 300 * MIB}}
@@ -340,8 +348,55 @@ def test_summary_and_plot(tmp_path):
     row = logger.summary["gpu0"]
     assert row["peak_mib"] == 400.0 and row["limit_mib"] == 1000.0
     assert row["headroom_mib"] == 600.0 and row["headroom_fraction"] == pytest.approx(0.6)
+    assert row["devices"] == [GPU0]
     assert "gpu1" in logger.summary_text()
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Every device has its line (and its limit), and nothing needs a note.
+    figure = logger.save_plot(tmp_path / "again.png")
+    assert _legend(figure) == ["gpu0 peak", "gpu0 limit", "gpu1 peak", "gpu1 limit"]
+    lines = figure.axes[0].get_lines()
+    assert list(lines[0].get_ydata()) == [100.0, 400.0, 100.0]
+    assert list(lines[2].get_ydata()) == [40.0, 40.0, 40.0]
+    assert _notes(figure) == []
+
+
+CPU0, CPU1, CPU2 = "/device:CPU:0", "/device:CPU:1", "/device:CPU:2"
+
+
+class SharedCPUSource(MemorySource):
+    """Logical CPUs 0 and 1 share one allocator; CPU 2 has no figures."""
+
+    def devices(self):
+        return [CPU0, CPU1, CPU2]
+
+    def allocator(self, device):
+        return CPU2 if device == CPU2 else CPU0
+
+    def read(self, device):
+        if device == CPU2:
+            raise ValueError("no allocator statistics")
+        return MemoryReading(10 * MIB, 30 * MIB)
+
+
+def test_devices_sharing_an_allocator_are_logged_once_and_the_plot_says_why(tmp_path):
+    path = tmp_path / "peaks.png"
+    logger = GPUMemoryLogger(
+        devices=["/cpu:0", "/cpu:1", "/cpu:2"], source=SharedCPUSource(), plot_path=str(path)
+    )
+    with pytest.warns(UserWarning, match="no memory figures for /device:CPU:2") as caught:
+        history = _fit([logger], epochs=2)
+    assert not [w for w in caught if "CPU:1" in str(w.message)]  # shared, not missing
+    assert set(history.history) == {"loss", "cpu0_current_mib", "cpu0_peak_mib", "host_rss_mib"}
+    assert history.history["cpu0_peak_mib"] == [30.0, 30.0]
+    assert logger.summary["cpu0"]["devices"] == [CPU0, CPU1]
+    assert "one allocator for cpu0, cpu1" in logger.summary_text()
+    assert path.exists()
+    figure = logger.save_plot(tmp_path / "again.png")
+    assert _legend(figure) == ["cpu0 peak (shared by cpu0, cpu1)"]
+    notes = _notes(figure)
+    assert notes[0].startswith("cpu0 and cpu1 are logical devices of one CPU and share")
+    assert "one line (cpu0)" in notes[0]
+    assert notes[1] == "Not plotted (no memory figures, see the warning): cpu2."
 
 
 def test_state_is_reset_between_runs():
@@ -369,17 +424,68 @@ def test_no_gpu_logs_host_key_only_and_warns_once():
     assert logger.summary == {}
 
 
-def test_cpu_without_allocator_stats_is_left_out_with_a_warning():
-    # Without TF_CPU_ALLOCATOR_USE_BFC, get_memory_info("CPU:0") raises.
-    with pytest.raises(ValueError):
-        tf.config.experimental.get_memory_info("CPU:0")
+def _tensorflow_cpu_world(monkeypatch, world):
+    """Makes TensorFlow's CPU allocator answer as it does in `world`.
+
+    - "real": whatever this process's TensorFlow does (oneDNN on or off).
+    - "onednn": oneDNN's allocator without BFC: figures (zeros at first).
+    - "no-onednn": no statistics, get_memory_info raises.
+    - "bfc": TF_CPU_ALLOCATOR_USE_BFC=true, exact figures (here 5 and 7 MiB).
+    - "bfc-zero": the BFC allocator with nothing allocated: a real 0.
+    """
+    experimental = tf.config.experimental
+    if world == "real":
+        monkeypatch.delenv("TF_CPU_ALLOCATOR_USE_BFC", raising=False)
+        return
+    if world.startswith("bfc"):
+        monkeypatch.setenv("TF_CPU_ALLOCATOR_USE_BFC", "true")
+    else:
+        monkeypatch.delenv("TF_CPU_ALLOCATOR_USE_BFC", raising=False)
+    figures = {"bfc": (5 * MIB, 7 * MIB)}.get(world, (0, 0))
+
+    def get_memory_info(device):
+        if world == "no-onednn":
+            raise ValueError(f"Allocator stats not available for device '{device}'")
+        return {"current": figures[0], "peak": figures[1]}
+
+    def reset_memory_stats(device):
+        if world == "no-onednn":
+            raise ValueError(f"Cannot reset memory stats for device '{device}'")
+
+    monkeypatch.setattr(experimental, "get_memory_info", get_memory_info)
+    monkeypatch.setattr(experimental, "reset_memory_stats", reset_memory_stats)
+
+
+@pytest.mark.parametrize("world", ["real", "onednn", "no-onednn"])
+def test_cpu_without_bfc_is_left_out_with_a_warning_with_onednn_on_or_off(monkeypatch, world):
+    """oneDNN's CPU allocator answers where the plain one raises: same result for the user."""
+    _tensorflow_cpu_world(monkeypatch, world)
     logger = GPUMemoryLogger(devices=["/cpu:0"], every_n_batches=2)
-    with (
-        pytest.warns(UserWarning, match="no memory figures for /device:CPU:0"),
-        pytest.warns(UserWarning, match="no GPU"),
-    ):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         history = _fit([logger], epochs=1)
+    messages = [str(w.message) for w in caught]
+    left_out = [m for m in messages if "no memory figures for /device:CPU:0" in m]
+    assert len(left_out) == 1
+    assert "TF_CPU_ALLOCATOR_USE_BFC=true" in left_out[0]
+    assert [m for m in messages if "no GPU with memory figures" in m]
     assert set(history.history) == {"loss", "host_rss_mib"}
+
+
+@pytest.mark.parametrize("world, expected", [("bfc", (5.0, 7.0)), ("bfc-zero", (0.0, 0.0))])
+def test_cpu_with_bfc_logs_its_figures_and_a_zero_is_a_reading(monkeypatch, world, expected):
+    _tensorflow_cpu_world(monkeypatch, world)
+    logger = GPUMemoryLogger(devices=["/cpu:0", "/cpu:1"], nvml=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = _fit([logger], epochs=1)
+    assert not [w for w in caught if "GPUMemoryLogger" in str(w.message)]
+    # The logical CPUs share TensorFlow's one CPU allocator: one set of keys.
+    assert set(history.history) == {"loss", "cpu0_current_mib", "cpu0_peak_mib", "host_rss_mib"}
+    current, peak = expected
+    assert history.history["cpu0_current_mib"] == [current]
+    assert history.history["cpu0_peak_mib"] == [peak]
+    assert logger.summary["cpu0"]["devices"] == [CPU0, CPU1]
 
 
 _BFC_SCRIPT = textwrap.dedent(
@@ -400,19 +506,25 @@ _BFC_SCRIPT = textwrap.dedent(
                 float(tf.reduce_sum(block))
                 del block
 
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * 2
+    )
     x = np.ones((32, 4), "float32")
     y = np.ones((32, 1), "float32")
     data = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
     model.compile("sgd", "mse")
-    logger = GPUMemoryLogger(devices=["/cpu:0"], nvml=False)
+    logger = GPUMemoryLogger(devices=["/cpu:0", "/cpu:1"], nvml=False)
     history = model.fit(data, epochs=3, verbose=0, callbacks=[Hold(), logger])
+    history.history["shared"] = logger.summary["cpu0"]["devices"]
     print("RESULT" + json.dumps(history.history))
     """
 )
 
 
 def test_real_bfc_allocator_figures_on_cpu():
+    """Real figures with oneDNN on or off: the run inherits TF_ENABLE_ONEDNN_OPTS."""
     env = dict(os.environ, TF_CPU_ALLOCATOR_USE_BFC="true", TF_CPP_MIN_LOG_LEVEL="2")
     done = subprocess.run(
         [sys.executable, "-c", _BFC_SCRIPT, ROOT],
@@ -424,6 +536,8 @@ def test_real_bfc_allocator_figures_on_cpu():
     assert done.returncode == 0, done.stderr[-3000:]
     line = [s for s in done.stdout.splitlines() if s.startswith("RESULT")][-1]
     history = json.loads(line[len("RESULT") :])
+    # Two logical CPUs, one allocator: one set of keys that stands for both.
+    assert history.pop("shared") == ["/device:CPU:0", "/device:CPU:1"]
     assert set(history) == {"loss", "cpu0_current_mib", "cpu0_peak_mib", "host_rss_mib"}
     peaks, currents = history["cpu0_peak_mib"], history["cpu0_current_mib"]
     assert all(c > 0 for c in currents)

@@ -21,7 +21,7 @@ SW = RNG.uniform(0.2, 3.0, size=(N_SAMPLES,)).astype("float32")
 
 class RowRecorder(keras.layers.Layer):
     """Identity that counts the rows it sees, records the largest call, and (above
-    `limit` rows) raises a real allocator `ResourceExhaustedError` (PRIOR_ART.md)."""
+    `limit` rows) raises a real allocator `ResourceExhaustedError`."""
 
     def __init__(self, limit=None, **kwargs):
         super().__init__(**kwargs)
@@ -145,6 +145,111 @@ def test_train_function_is_restored_after_fit():
     assert callback.micro_batch_size_ == 4
 
 
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+class _Raises(keras.callbacks.Callback):
+    """Raises `error` in the hook `where` (at batch `batch` for a batch hook)."""
+
+    def __init__(self, where, batch=0, error=RuntimeError):
+        super().__init__()
+        self.where, self.batch, self.error = where, batch, error
+
+    def _maybe_raise(self, where, batch=0):
+        if where == self.where and batch == self.batch:
+            raise self.error(f"raised in {where} at batch {batch}")
+
+    def on_train_begin(self, logs=None):
+        self._maybe_raise("on_train_begin")
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._maybe_raise("on_train_batch_begin", batch)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._maybe_raise("on_train_batch_end", batch)
+
+
+def _batches_then_failure():
+    """A data source that yields two batches of 16 rows, then raises."""
+    for start in (0, 16):
+        yield X[start : start + 16], Y[start : start + 16]
+    raise RuntimeError("the data source failed")
+
+
+# How the fit with GradientAccumulation raises. Each callback comes after ours.
+FAILURES = {
+    "a callback raises mid-epoch": dict(callbacks=[_Raises("on_train_batch_end", batch=2)]),
+    "the data source raises mid-epoch": dict(data=_batches_then_failure),
+    "a callback raises in on_train_begin": dict(callbacks=[_Raises("on_train_begin")]),
+    # Between our on_train_batch_begin and the step: the step was expected.
+    "an interrupt just before a step": dict(
+        callbacks=[_Raises("on_train_batch_begin", batch=1, error=KeyboardInterrupt)],
+        error=KeyboardInterrupt,
+    ),
+    # Micro-batches of 12 rows exceed the 8 the model can take; fixed size: no retry.
+    "out of memory in the first step": dict(
+        limit=8, micro=12, error=tf.errors.ResourceExhaustedError
+    ),
+}
+
+
+def _fail_a_fit_with_accumulation(model, failure):
+    case = FAILURES[failure]
+    callbacks = [GradientAccumulation(case.get("micro", 4)), *case.get("callbacks", [])]
+    data = case["data"]() if "data" in case else (X, Y)
+    kwargs = dict(batch_size=16) if "data" not in case else {}
+    with pytest.raises(case.get("error", Exception)):
+        model.fit(*data, epochs=1, shuffle=False, verbose=0, callbacks=callbacks, **kwargs)
+
+
+@pytest.mark.parametrize("failure", sorted(FAILURES))
+def test_a_fit_that_raises_leaves_the_model_as_plain_keras_would(failure):
+    limit = FAILURES[failure].get("limit")
+    batch = 8 if limit else 16  # the whole batch fits the model
+
+    def compiled_model():
+        model = _model(recorder=RowRecorder(limit))
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss=LOSS)
+        return model
+
+    model = compiled_model()
+    _fail_a_fit_with_accumulation(model, failure)
+    weights = model.get_weights()
+    recorder = model.layers[0]
+    recorder.largest.assign(0.0)
+    model.fit(X, Y, batch_size=batch, epochs=1, shuffle=False, verbose=0)
+    assert float(recorder.largest.numpy()) == batch  # whole batches, not micro-batches
+
+    plain = compiled_model()
+    plain.set_weights(weights)
+    plain.fit(X, Y, batch_size=batch, epochs=1, shuffle=False, verbose=0)
+    assert_weights_close(model.trainable_weights, plain.trainable_weights)
+
+
+def test_train_on_batch_after_a_fit_that_raised_takes_the_whole_batch():
+    model = _model(recorder=RowRecorder())
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=LOSS)
+    _fail_a_fit_with_accumulation(model, "a callback raises mid-epoch")
+    recorder = model.layers[0]
+    recorder.largest.assign(0.0)
+    model.train_on_batch(X[:16], Y[:16])
+    assert float(recorder.largest.numpy()) == 16
+
+
+def test_after_a_fit_that_raised_the_callback_accumulates_again_until_its_fit_ends():
+    model = _model(recorder=RowRecorder())
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=LOSS)
+    _fail_a_fit_with_accumulation(model, "a callback raises mid-epoch")
+    recorder = model.layers[0]
+    for callback in (GradientAccumulation(2), GradientAccumulation(4)):  # another, then ours
+        recorder.largest.assign(0.0)
+        model.fit(X, Y, batch_size=16, epochs=1, verbose=0, callbacks=[callback])
+        assert float(recorder.largest.numpy()) == callback.micro_batch_size
+    recorder.largest.assign(0.0)
+    model.fit(X, Y, batch_size=16, epochs=1, verbose=0)
+    assert float(recorder.largest.numpy()) == 16
+
+
 @pytest.mark.parametrize("bad", [0, -3, 2.5, "big", True, None, [4]])
 def test_invalid_micro_batch_size_raises(bad):
     with pytest.raises(ValueError, match="Invalid value for argument `micro_batch_size`"):
@@ -193,9 +298,10 @@ def test_batch_normalization_warns_once_when_it_sees_micro_batches():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _train([GradientAccumulation(8)], model=_model(batch_norm=True))
-    messages = [str(w.message) for w in caught if "BatchNormalization" in str(w.message)]
-    assert len(messages) == 1
-    assert "docs/accumulation.md" in messages[0]
+    warned = [w for w in caught if "BatchNormalization" in str(w.message)]
+    assert len(warned) == 1
+    assert "docs/accumulation.md" in str(warned[0].message)
+    assert warned[0].filename == __file__  # the user's fit line, not Keras internals
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -262,13 +368,51 @@ def test_out_of_memory_halves_and_redoes_the_same_batch():
         accumulated = _train([callback], optimizer="adam", model=_model(recorder=RowRecorder(8)))
     plain = _train([], optimizer="adam", model=_model(recorder=RowRecorder()))
     assert callback.micro_batch_size_ == 8
-    assert sum("out of memory" in str(w.message) for w in caught) == 2
+    out_of_memory = [w for w in caught if "out of memory" in str(w.message)]
+    assert len(out_of_memory) == 2
+    assert {w.filename for w in out_of_memory} == {__file__}  # the user's fit line
     model_a, model_p = accumulated[0], plain[0]
+    assert type(model_a.train_function).__name__ != "AccumulatingTrainFunction"
     # Every sample used exactly once per epoch: the failed tries were rolled back.
     assert float(model_a.layers[0].seen.numpy()) == 2 * N_SAMPLES
     assert float(model_p.layers[0].seen.numpy()) == 2 * N_SAMPLES
     assert float(model_a.layers[0].largest.numpy()) == 8
     _assert_same_training(accumulated, plain)
+
+
+def _sgd_whose_first_update_runs_out_of_memory():
+    """SGD(0.1) whose first update raises a real allocator error, once."""
+    first = tf.Variable(True, trainable=False)
+
+    class SGD(keras.optimizers.SGD):
+        def apply_gradients(self, grads_and_vars, *args, **kwargs):
+            (grad, variable), *rest = list(grads_and_vars)
+
+            def explode():
+                with tf.control_dependencies([first.assign(False)]):
+                    huge = tf.fill([2**30, 512], tf.reduce_sum(grad) * 0.0)  # 2 TiB
+                    return grad + tf.reduce_sum(huge)
+
+            grad = tf.cond(first, explode, lambda: grad)
+            return super().apply_gradients([(grad, variable), *rest], *args, **kwargs)
+
+    return SGD(0.1)
+
+
+def test_out_of_memory_during_the_update_is_raised_not_retried():
+    # Part of an update may have been applied when its out-of-memory error comes: a
+    # retry could apply it twice. "auto" retries only errors from before the update.
+    results = []
+    for callbacks in ([], [GradientAccumulation("auto")]):
+        model = _model()
+        model.compile(optimizer=_sgd_whose_first_update_runs_out_of_memory(), loss=LOSS)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with pytest.raises(tf.errors.ResourceExhaustedError):
+                model.fit(X, Y, batch_size=32, epochs=1, verbose=0, callbacks=callbacks)
+        assert not [w for w in caught if "out of memory" in str(w.message)]
+        results.append(int(model.optimizer.iterations.numpy()))
+    assert results == [0, 0]
 
 
 def test_data_parallel_models_take_micro_batches_of_n_devices_rows():

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ast
+import json
 import os
+import subprocess
 import sys
 import types
 
@@ -128,13 +130,76 @@ def test_host_source_reads_rss():
     assert reading.limit_bytes is None
 
 
-def test_default_source_on_cpu_has_no_devices_and_cpu_read_raises():
+def test_default_source_on_cpu_has_no_devices_and_cpu_read_raises(monkeypatch):
+    monkeypatch.delenv("TF_CPU_ALLOCATOR_USE_BFC", raising=False)
     source = memory.default_source()
     assert source.devices() == []
     if backend_name() == "tensorflow":
-        # Without TF_CPU_ALLOCATOR_USE_BFC the CPU has no allocator statistics.
-        with pytest.raises(ValueError):
+        # Without TF_CPU_ALLOCATOR_USE_BFC the CPU has no figures keras_parallel
+        # uses, whether oneDNN is on (partial figures) or off (none).
+        with pytest.raises(ValueError, match="TF_CPU_ALLOCATOR_USE_BFC=true"):
             source.read("/cpu:0")
+        assert source.reset_peak("/cpu:0") is False
+        assert source.allocator("/cpu:2") == source.allocator("CPU:0") == "/device:CPU:0"
+        assert source.allocator("/gpu:1") == "/device:GPU:1"
+
+
+_NO_BFC_SCRIPT = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import tensorflow as tf
+from keras_parallel._tensorflow.memory import TensorFlowSource
+
+block = tf.ones([16 * 2**20])  # 64 MiB: oneDNN's allocator counts a block this large
+float(tf.reduce_sum(block))
+try:
+    raw = tf.config.experimental.get_memory_info("CPU:0")
+except ValueError as error:
+    raw = str(error)
+source = TensorFlowSource()
+try:
+    source.read("/cpu:0")
+    read = "no error"
+except ValueError as error:
+    read = str(error)
+print("RESULT" + json.dumps({"raw": raw, "read": read, "reset": source.reset_peak("/cpu:0")}))
+"""
+
+
+@pytest.mark.skipif(backend_name() != "tensorflow", reason="TensorFlow's CPU allocator")
+@pytest.mark.parametrize("onednn", ["0", "1"])
+def test_cpu_read_raises_without_bfc_with_onednn_forced_on_or_off(onednn):
+    """TensorFlow raises with oneDNN off, reports partial figures with it on; we raise in both."""
+    env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS=onednn, TF_CPP_MIN_LOG_LEVEL="2")
+    env.pop("TF_CPU_ALLOCATOR_USE_BFC", None)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(
+        [sys.executable, "-c", _NO_BFC_SCRIPT, root],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = [s for s in done.stdout.splitlines() if s.startswith("RESULT")][-1]
+    result = json.loads(line[len("RESULT") :])
+    assert "TF_CPU_ALLOCATOR_USE_BFC=true" in result["read"], result
+    assert result["reset"] is False
+
+
+@pytest.mark.skipif(backend_name() != "tensorflow", reason="TensorFlow's CPU allocator")
+@pytest.mark.parametrize(
+    "value, is_bfc",
+    [("true", True), ("1", True), ("TRUE", True), ("false", False), ("yes", False), (None, False)],
+)
+def test_cpu_allocator_is_bfc_reads_the_variable_as_tensorflow_does(monkeypatch, value, is_bfc):
+    from keras_parallel._tensorflow import memory as tf_memory
+
+    if value is None:
+        monkeypatch.delenv("TF_CPU_ALLOCATOR_USE_BFC", raising=False)
+    else:
+        monkeypatch.setenv("TF_CPU_ALLOCATOR_USE_BFC", value)
+    assert tf_memory.cpu_allocator_is_bfc() is is_bfc
 
 
 def test_device_memory_limit_is_none_on_cpu_and_missing_gpu():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 from hypothesis import given
@@ -110,6 +111,94 @@ def test_unequal_devices_get_unequal_micro_rows():
     assert result.accumulation_steps == 1 and result.fits is True
     text = str(result)
     assert "/device:CPU:0" in text and "fits" in text
+    # The first line says what the table shows, not "micro-batch 16 per device".
+    assert text.splitlines()[0] == (
+        "Plan for batch 32 on 2 device(s): 1 step of 32 rows, split 22 + 10 (no accumulation)"
+    )
+    assert "16 per device" not in text
+
+
+def table_rows(text):
+    return [int(line.split()[2]) for line in text.splitlines() if line.startswith("/device:")]
+
+
+@given(
+    batch=st.integers(1, 300),
+    devices=st.sampled_from([CPU2, CPU3]),
+    ratios_seed=st.lists(st.integers(1, 5), min_size=3, max_size=3),
+    micro=st.one_of(st.none(), st.integers(1, 40)),
+)
+def test_first_line_says_what_the_table_shows(batch, devices, ratios_seed, micro):
+    ratios = ratios_seed[: len(devices)]
+    result = plan(
+        small_model(),
+        batch,
+        devices=devices,
+        split=ratios,
+        micro_batch_size=micro,
+        memory_probe=lambda rows: None,
+    )
+    text = str(result)
+    first = text.splitlines()[0]
+    split = [int(r) for r in re.search(r"split ([\d +]+)", first).group(1).split(" + ")]
+    assert split == table_rows(text) == result.rows_per_device
+    steps = re.search(r": (\d+) (?:accumulation )?steps? of (\d+) rows", first)
+    assert int(steps.group(1)) == result.accumulation_steps
+    assert int(steps.group(2)) == result.rows_per_step == sum(split)
+    last = re.search(r"the last of (\d+)", first)
+    rest = batch - (result.accumulation_steps - 1) * result.rows_per_step
+    assert (int(last.group(1)) if last else result.rows_per_step) == rest
+    assert "per device" not in first
+
+
+MIB_PEAKS = {1: 1, 2: 4, 4: 12}  # MiB at 1, 2, 4 rows: the least-squares line is -3 + 3.71 m
+
+
+def test_a_negative_fitted_intercept_is_taken_as_zero_and_said():
+    result = plan(
+        small_model(),
+        32,  # 16 rows per device: peaks measured at 1, 2 and 4 rows
+        devices=CPU2,
+        memory_probe=lambda rows: MIB_PEAKS[rows] * MIB,
+        memory_budget=1000 * MIB,
+    )
+    note = next(n for n in result.notes if n.startswith("peak memory measured"))
+    assert "at 1, 2, 4 rows: 1.0, 4.0, 12.0 MiB" in note
+    assert "line: 0.0 MiB + 3.71 MiB per row" in note
+    assert "-3.0 MiB, was below zero" in note
+    assert not re.search(r"line: -", note)
+    slope = 156 / 42 * MIB
+    assert result.peak_bytes == [int(slope * 16)] * 2  # above the fitted line's -3 + 16 b
+
+
+def test_kept_whole_says_only_the_reason_that_applies():
+    measured = plan(
+        small_model(),
+        32,
+        devices=CPU2,
+        micro_batch_size="auto",
+        memory_probe=lambda rows: (10 + rows) * MIB,
+    )
+    [note] = [n for n in measured.notes if "keeps the batch whole" in n]
+    assert note == (
+        "'auto' keeps the batch whole: no memory limit for /device:CPU:0, /device:CPU:1 "
+        "(`memory_budget` sets one)"
+    )
+    limited = plan(
+        small_model(),
+        32,
+        devices=CPU2,
+        micro_batch_size="auto",
+        memory_probe=lambda rows: None,
+        memory_budget=100 * MIB,
+    )
+    [note] = [n for n in limited.notes if "keeps the batch whole" in n]
+    assert note == "'auto' keeps the batch whole: no measured peaks"
+    neither = plan(
+        small_model(), 32, devices=CPU2, micro_batch_size="auto", memory_probe=lambda rows: 0
+    )
+    [note] = [n for n in neither.notes if "keeps the batch whole" in n]
+    assert "no memory limit" in note and "no measured peaks" in note
 
 
 def test_no_figures_keeps_the_batch_whole_and_says_so():
@@ -134,6 +223,13 @@ def test_plan_of_a_data_parallel_model_uses_its_devices():
         ({"batch_size": 8, "micro_batch_size": 0}, "`micro_batch_size`"),
         ({"batch_size": 8, "micro_batch_size": "big"}, "`micro_batch_size`"),
         ({"batch_size": 8, "memory_margin": 1.5}, "`memory_margin`"),
+        ({"batch_size": 8, "memory_margin": True}, "`memory_margin`"),
+        ({"batch_size": True}, "`batch_size`"),
+        ({"batch_size": 8, "micro_batch_size": True}, "`micro_batch_size`"),
+        ({"batch_size": 8, "memory_budget": -1}, "`memory_budget`"),
+        ({"batch_size": 8, "memory_budget": True}, "`memory_budget`"),
+        ({"batch_size": 8, "memory_probe": 3}, "`memory_probe`"),
+        ({"batch_size": 8, "probe": object()}, "`probe`"),
     ],
 )
 def test_bad_arguments(kwargs, message):

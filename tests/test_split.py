@@ -102,3 +102,45 @@ def test_measured_split_is_saved_and_reused_without_measuring(tmp_path):
         probe=FakeProbe(memory={"/device:CPU:0": 6 * GIB, "/device:CPU:1": 6 * GIB}),
     )
     assert keras_parallel.replicas(again).ratios == [1.0, 1.0]
+
+
+# -- split_cpu: the public way to have several devices on a CPU -------------------
+
+
+def test_split_cpu_again_with_the_same_number_gives_the_names(cpu_devices):
+    from keras_parallel.devices import list_devices, split_cpu
+
+    assert list_devices("CPU") == [f"/device:CPU:{i}" for i in range(len(cpu_devices))]
+    assert split_cpu(len(cpu_devices)) == list_devices("CPU")
+
+
+def test_split_cpu_too_late_with_another_number_says_so(cpu_devices):
+    from keras_parallel.devices import list_devices, split_cpu
+
+    list_devices()  # TensorFlow's devices have started
+    with pytest.raises(RuntimeError, match=r"split_cpu\(2\) comes too late.*3 CPU device"):
+        split_cpu(2)
+    assert len(list_devices("CPU")) == len(cpu_devices)
+
+
+@pytest.mark.parametrize("value", [0, -1, True, 2.0, "2", None])
+def test_split_cpu_rejects_a_bad_number(value):
+    from keras_parallel.devices import split_cpu
+
+    with pytest.raises(ValueError, match="Invalid value for argument `num_devices`"):
+        split_cpu(value)
+
+
+@pytest.mark.parametrize("backend, hint", [("jax", "XLA_FLAGS"), ("torch", "'torch'")])
+def test_split_cpu_on_another_backend_names_it(monkeypatch, backend, hint):
+    from keras_parallel import devices
+
+    monkeypatch.setattr(devices, "backend_name", lambda: backend)
+    with pytest.raises(NotImplementedError, match=f"backend here is '{backend}'") as error:
+        devices.split_cpu(2)
+    assert hint in str(error.value)
+
+
+def test_an_unknown_cpu_device_points_at_split_cpu():
+    with pytest.raises(ValueError, match=r"Unknown device '/cpu:7'.*keras_parallel.split_cpu"):
+        DataParallel(small_model(), devices=["/cpu:0", "/cpu:7"])

@@ -17,7 +17,15 @@ fetches the batch in Python, then runs one `tf.function` step that, on each repl
 
 The micro-batch size is a tensor argument, so changing it does not retrace. On
 `tf.errors.ResourceExhaustedError` the caller may restore the state a failed step
-touched (`snapshot_state` / `restore_state`) and rerun the same batch smaller.
+touched (`snapshot_state` / `restore_state`) and rerun the same batch smaller, unless
+the update had begun (`update_began`).
+
+The function serves one `fit` at a time: `install` puts it in `model.train_function`,
+`arm` (before each batch of that fit) lets it run one step, `uninstall` puts the
+model's own train function back. A call it was not armed for, or made after another
+`fit` began, comes from outside the fit that installed it (that fit raised before its
+`on_train_end`): the function uninstalls itself and hands the call to the model's own
+train function, so the model trains as plain Keras would.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from keras_parallel._compat import IS_KERAS_3, keras
-from keras_parallel._tensorflow.memory import _short
+from keras_parallel._tensorflow.memory import memory_info, reset_memory_stats
 from keras_parallel.devices import canonical_device_name
 
 __all__ = [
@@ -33,6 +41,7 @@ __all__ = [
     "OUT_OF_MEMORY_ERRORS",
     "measured_device",
     "local_batch_rows",
+    "own_train_function",
 ]
 
 OUT_OF_MEMORY_ERRORS = (tf.errors.ResourceExhaustedError,)
@@ -107,30 +116,77 @@ class AccumulatingTrainFunction:
         model: the compiled Keras model.
         controller: the `GradientAccumulation` callback. Called back with
             ``_micro_batch_size_for(data, rows, probe)`` (the micro-batch size to use,
-            per device), ``_on_out_of_memory(old, new)`` and ``_is_active()``.
+            per device), ``_retries_on_oom()`` and ``_on_out_of_memory(old, new)``.
         num_replicas: int. Devices the model itself splits each micro-batch over
             (a keras_parallel DataParallel model): rows per micro step are
             ``num_replicas * micro_batch_size``.
-        original: the train function this one replaces; used when called stale
-            (after the callback's `fit` ended without `on_train_end`).
     """
 
-    def __init__(self, model, controller, num_replicas=1, original=None):
+    def __init__(self, model, controller, num_replicas=1):
         self.model = model
         self.controller = controller
         self.num_replicas = num_replicas
-        self.original = original
+        self.original = None  # the model's own train function, while installed
+        self._history = None  # model.history of the fit that installed this function
+        self._armed = False
         self.strategy = model.distribute_strategy
         self._scale_loss, self._unscale_gradients = _loss_scaling(model.optimizer)
         self._tracker = _loss_tracker(model)
         self._step = self._wrap(self._distributed_step)
         self._probe_step = None
         optimizer = model.optimizer
-        if IS_KERAS_3 and not optimizer.built:
-            # Build the slots eagerly: built lazily inside a step that then runs out
-            # of memory, Keras 3 leaves them uninitialized (shape [0]) for the retry.
-            with self.strategy.scope():
+        with self.strategy.scope():
+            if IS_KERAS_3 and not optimizer.built:
+                # Build the slots eagerly: built lazily inside a step that then runs
+                # out of memory, Keras 3 leaves them uninitialized (shape [0]) for the
+                # retry.
                 optimizer.build(model.trainable_variables)
+            # Set once a step's gradients are complete and its update may begin: an
+            # out-of-memory error after that point is not retried (part of the update
+            # may be applied, and a retry would apply it twice).
+            self._updating = tf.Variable(
+                False,
+                trainable=False,
+                name="accumulation_updating",
+                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+            )
+
+    # --------------------------------------------------------------- install / arm
+    def install(self, original) -> None:
+        """Becomes `model.train_function` for the `fit` now beginning; `original` is the model's."""
+        self.original = original
+        self._history = getattr(self.model, "history", None)
+        self._armed = False
+        self.model.train_function = self
+
+    def arm(self) -> None:
+        """Lets the next call run one accumulating step (called before each batch of the fit)."""
+        self._armed = True
+
+    def uninstall(self) -> None:
+        """Puts the model's own train function back, if this one is still installed."""
+        if self.model.train_function is self:
+            self.model.train_function = self.original
+        self.original = None
+        self._history = None
+        self._armed = False
+
+    def _another_fit_began(self) -> bool:
+        # Each fit gives the model a new History and starts it (`on_train_begin` sets
+        # `epoch`) before its first step. tf-keras' evaluate and predict also set a
+        # new History, which is never started: those calls, made by callbacks within
+        # the fit, are not a new fit.
+        history = getattr(self.model, "history", None)
+        return history is not self._history and hasattr(history, "epoch")
+
+    def _call_own_train_function(self, iterator):
+        """Uninstalls this function and runs the model's own train function instead."""
+        self.uninstall()
+        train_function = self.model.train_function
+        if train_function is None:
+            self.model.make_train_function()
+            train_function = self.model.train_function
+        return train_function(iterator)
 
     def _wrap(self, function):
         if self.model.run_eagerly:
@@ -202,7 +258,10 @@ class AccumulatingTrainFunction:
         # Inside a graph, stateful ops run as soon as their inputs are ready: without
         # this, `iterations.assign_add` (which needs no gradient) could run in a step
         # that then fails out of memory, and a retry would count the update twice.
+        # `_updating` is set before any of the update runs (see `update_began`).
         with tf.control_dependencies(grads):
+            updating = self._updating.assign(True)
+        with tf.control_dependencies([updating]):
             model.optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
 
         if self._tracker is not None:
@@ -218,6 +277,7 @@ class AccumulatingTrainFunction:
         return logs
 
     def _distributed_step(self, data, rows_per_step):
+        self._updating.assign(False)  # ordered before the replicas' assign(True)
         outputs = self.strategy.run(self._replica_step, args=(data, rows_per_step))
         return self._reduce(outputs)
 
@@ -247,13 +307,13 @@ class AccumulatingTrainFunction:
         """A memory probe on `data`: size -> peak bytes of a forward/backward on that many rows.
 
         Returns None when the device has no allocator statistics (a CPU without
-        TF_CPU_ALLOCATOR_USE_BFC). The probe applies nothing, and restores the
+        TF_CPU_ALLOCATOR_USE_BFC, oneDNN on or off). The probe applies nothing, and restores the
         non-trainable and metric variables the forward pass touched.
         """
-        device = _short(measured_device(self.strategy))
+        device = measured_device(self.strategy)
         try:
-            tf.config.experimental.reset_memory_stats(device)
-            tf.config.experimental.get_memory_info(device)
+            reset_memory_stats(device)
+            memory_info(device)
         except (ValueError, tf.errors.OpError):
             return None
         if self._probe_step is None:
@@ -266,13 +326,13 @@ class AccumulatingTrainFunction:
         def probe(micro_batch_size: int) -> int:
             saved = self.snapshot_state()
             try:
-                tf.config.experimental.reset_memory_stats(device)
+                reset_memory_stats(device)
                 rows = tf.constant(self.num_replicas * micro_batch_size, tf.int32)
                 result = self._probe_step(data, rows)
                 tf.nest.map_structure(
                     lambda t: t.numpy(), self.strategy.experimental_local_results(result)
                 )
-                return int(tf.config.experimental.get_memory_info(device)["peak"])
+                return int(memory_info(device)["peak"])
             finally:
                 self.restore_state(saved)
 
@@ -294,14 +354,17 @@ class AccumulatingTrainFunction:
             if any(id(v) not in known for v in metric.variables):
                 metric.reset_state()
 
+    def update_began(self) -> bool:
+        """Whether the last step got as far as its update (read after it failed)."""
+        return bool(self._updating.numpy())
+
     # ------------------------------------------------------------------- the call
     def __call__(self, iterator):
-        if not self.controller._is_active():
-            # Installed by a fit that ended abnormally: behave like the original.
-            self.model.train_function = self.original
-            if self.original is None:
-                return self.model.make_train_function()(iterator)
-            return self.original(iterator)
+        armed, self._armed = self._armed, False
+        if not armed or self._another_fit_began():
+            # Not called by the fit that installed this function: that fit raised
+            # before its on_train_end. Train as the model would without it.
+            return self._call_own_train_function(iterator)
         data = _drop_optionals(next(iterator))
         rows = local_batch_rows(data, self.strategy)
         micro = self.controller._micro_batch_size_for(data, rows, self)
@@ -310,10 +373,19 @@ class AccumulatingTrainFunction:
             try:
                 return self._step(data, tf.constant(self.num_replicas * micro, tf.int32))
             except OUT_OF_MEMORY_ERRORS:
-                if saved is None or micro <= 1:
+                if saved is None or micro <= 1 or self.update_began():
                     raise
                 self.restore_state(saved)
                 micro = self.controller._on_out_of_memory(micro, max(1, micro // 2))
+
+
+def own_train_function(model):
+    """`model.train_function`, with an accumulating one left by a `fit` that raised taken off."""
+    function = model.train_function
+    if isinstance(function, AccumulatingTrainFunction):
+        function.uninstall()
+        function = model.train_function
+    return function
 
 
 def measured_device(strategy) -> str:

@@ -37,3 +37,11 @@ def cond(pred, true_fn, false_fn):
 
 def empty_rows(shape, dtype):
     return tf.zeros([0, *shape], dtype=dtype)
+
+
+def zero_loss():
+    return tf.zeros((), dtype=tf.float32)
+
+
+def add_n(values):
+    return tf.add_n(list(values))

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import numbers
 import os
-import warnings
 
-from keras_parallel._compat import keras, register
+from keras_parallel import _validation
+from keras_parallel._compat import keras
+from keras_parallel._warnings import warn
 from keras_parallel.devices import canonical_device_name
 from keras_parallel.memory import (
     MIB,
@@ -27,7 +27,6 @@ def _prefix(device: str) -> str:
     return f"{kind.lower()}{index}"
 
 
-@register
 class GPUMemoryLogger(keras.callbacks.Callback):
     """Logs each accelerator's memory (now, peak, limit) into `logs`, in MiB.
 
@@ -50,18 +49,24 @@ class GPUMemoryLogger(keras.callbacks.Callback):
     - ``host_rss_mib``: the process's resident memory (psutil), always.
 
     Figures are MiB (2**20 bytes), Python floats, never summed across
-    devices. A device measured by `devices` but without figures (a CPU) is
-    left out, with a warning; the key set is fixed at the start of training,
-    so every epoch has the same keys (a failed reading later gives NaN).
-    With no GPU at all the logs hold ``host_rss_mib`` only, and the callback
-    warns once.
+    devices. A device named in `devices` but without figures (a CPU, unless
+    TensorFlow started with ``TF_CPU_ALLOCATOR_USE_BFC=true``) is left out,
+    with a warning; devices that share one allocator (TensorFlow's logical
+    CPUs) are logged once, under the first one's name. The key set is fixed
+    at the start of training, so every epoch has the same keys (a failed
+    reading later gives NaN). With no GPU at all the logs hold
+    ``host_rss_mib`` only, and the callback warns once.
 
     When a device's peak passes `headroom_threshold` of its limit, the
     callback warns once per device and run, with the figures and a gradient
     accumulation factor that should bring it back below. At the end of
     training, `summary` holds each device's peak over the run, limit and
     headroom, and `epoch_peaks` the peak of each epoch; with `plot_path` the
-    peaks per epoch are drawn into a PNG (needs matplotlib).
+    peaks per epoch are drawn into a PNG (needs matplotlib), which also says
+    which devices share a line and which have none.
+
+    Like Keras's own callbacks it has no `get_config`: callbacks are not
+    saved with a model, and a memory source cannot be written into a config.
 
     Without `every_n_batches` the callback has no batch hook, so Keras keeps
     dispatching batch callbacks asynchronously. With `steps_per_execution=k`
@@ -118,51 +123,24 @@ class GPUMemoryLogger(keras.callbacks.Callback):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if every_n_batches is not None and (
-            isinstance(every_n_batches, bool)
-            or not isinstance(every_n_batches, numbers.Integral)
-            or every_n_batches <= 0
-        ):
-            raise ValueError(
-                "Invalid value for argument `every_n_batches`. Expected a positive int "
-                f"or None. Received: every_n_batches={every_n_batches!r}"
-            )
-        if headroom_threshold is not None and (
-            isinstance(headroom_threshold, bool)
-            or not isinstance(headroom_threshold, numbers.Real)
-            or not 0 < headroom_threshold <= 1
-        ):
-            raise ValueError(
-                "Invalid value for argument `headroom_threshold`. Expected a number in "
-                f"(0, 1] or None. Received: headroom_threshold={headroom_threshold!r}"
-            )
-        if isinstance(devices, str):
-            devices = [devices]
-        if devices is not None:
-            devices = [canonical_device_name(d) for d in devices]
-            if len(set(devices)) != len(devices):
-                raise ValueError(
-                    "Invalid value for argument `devices`. Each device may appear once. "
-                    f"Received: devices={devices!r}"
-                )
-        if source is not None and not callable(getattr(source, "read", None)):
-            raise ValueError(
-                "Invalid value for argument `source`. Expected a "
-                "keras_parallel.memory.MemorySource or None. "
-                f"Received: source={source!r}"
-            )
-        if not isinstance(nvml, bool) and not callable(getattr(nvml, "read", None)):
-            raise ValueError(
-                "Invalid value for argument `nvml`. Expected a bool or a "
-                f"keras_parallel.memory.MemorySource. Received: nvml={nvml!r}"
-            )
+        every_n_batches = _validation.validate_positive_int(
+            every_n_batches, "every_n_batches", allow_none=True
+        )
+        headroom_threshold = _validation.validate_fraction(
+            headroom_threshold, "headroom_threshold", allow_none=True
+        )
+        devices = _validation.validate_devices(
+            devices, "devices", allow_none=True, allow_empty=True
+        )
+        _validation.validate_memory_source(source, "source", allow_none=True)
+        _validation.validate_memory_source(nvml, "nvml", allow_bool=True)
         if plot_path is not None and importlib.util.find_spec("matplotlib") is None:
             raise ImportError(
                 "`plot_path` needs matplotlib. Install it with "
                 "`pip install 'keras-parallel[plot]'` or leave `plot_path=None`."
             )
-        self.every_n_batches = None if every_n_batches is None else int(every_n_batches)
-        self.headroom_threshold = None if headroom_threshold is None else float(headroom_threshold)
+        self.every_n_batches = every_n_batches
+        self.headroom_threshold = headroom_threshold
         self.plot_path = None if plot_path is None else os.fspath(plot_path)
         self.devices = devices
         self.source = source
@@ -186,31 +164,41 @@ class GPUMemoryLogger(keras.callbacks.Callback):
         if self._host is None:
             self._host = HostSource()
         wanted = self.devices if self.devices is not None else self._safe_devices(self._allocator)
+        # Devices that share one allocator have the same figures: log them once.
+        self._shared: dict[str, list[str]] = {}  # first device -> every device of its allocator
+        first_of: dict[str, str] = {}
+        for device in wanted:
+            allocator = self._allocator_of(device)
+            if allocator in first_of:
+                self._shared[first_of[allocator]].append(device)
+            else:
+                first_of[allocator] = device
+                self._shared[device] = [device]
         self._tracked: list[tuple[str, str]] = []  # (device, key prefix)
         self._limits: dict[str, int] = {}
+        self._left_out: list[str] = []
         unreadable = []
-        for device in wanted:
+        for device in self._shared:
             try:
                 reading = self._allocator.read(device)
             except Exception as error:
                 unreadable.append(f"{device} ({type(error).__name__}: {error})")
+                self._left_out.extend(self._shared[device])
                 continue
             self._tracked.append((device, _prefix(device)))
             if reading.limit_bytes:
                 self._limits[device] = int(reading.limit_bytes)
         if unreadable:
-            warnings.warn(
+            warn(
                 "GPUMemoryLogger: no memory figures for "
                 + "; ".join(unreadable)
-                + ". These devices are left out of the logs.",
-                stacklevel=2,
+                + ". These devices are left out of the logs."
             )
         if not self._tracked and not self._warned_no_device:
             self._warned_no_device = True
-            warnings.warn(
+            warn(
                 "GPUMemoryLogger: no GPU with memory figures was found, so only "
-                "`host_rss_mib` is logged.",
-                stacklevel=2,
+                "`host_rss_mib` is logged."
             )
         self._nvml_tracked: list[tuple[str, str]] = []  # (physical device, key prefix)
         nvml = self._resolve_nvml()
@@ -243,6 +231,12 @@ class GPUMemoryLogger(keras.callbacks.Callback):
         if self._nvml_source is None:
             self._nvml_source = NVMLSource()
         return self._nvml_source
+
+    def _allocator_of(self, device: str) -> str:
+        try:
+            return canonical_device_name(self._allocator.allocator(device))
+        except Exception:  # a source without `allocator`, or one that fails
+            return device
 
     @staticmethod
     def _safe_devices(source) -> list[str]:
@@ -302,14 +296,13 @@ class GPUMemoryLogger(keras.callbacks.Callback):
         # so this factor is a lower bound: round it up to a power of two.
         factor = 2 ** math.ceil(math.log2(peak / (self.headroom_threshold * limit)))
         factor = max(factor, 2)
-        warnings.warn(
+        warn(
             f"GPUMemoryLogger: device {device} peaked at {peak / MIB:.1f} MiB, "
             f"{peak / limit:.0%} of its {limit / MIB:.1f} MiB limit (threshold "
             f"{self.headroom_threshold:.0%}). An out-of-memory error is near: split "
             f"each batch into at least {factor} micro-batches with gradient "
             f"accumulation (keras_parallel GradientAccumulation with a micro-batch of "
-            f"batch_size // {factor}), or lower the batch size on this device.",
-            stacklevel=2,
+            f"batch_size // {factor}), or lower the batch size on this device."
         )
 
     # -- hooks -------------------------------------------------------------
@@ -353,6 +346,7 @@ class GPUMemoryLogger(keras.callbacks.Callback):
             limit_mib = None if limit is None else limit / MIB
             self.summary[prefix] = {
                 "device": device,
+                "devices": list(self._shared[device]),
                 "peak_mib": peak,
                 "limit_mib": limit_mib,
                 "headroom_mib": None if limit_mib is None else limit_mib - peak,
@@ -377,20 +371,57 @@ class GPUMemoryLogger(keras.callbacks.Callback):
                 if row["headroom_mib"] is None
                 else f"{row['headroom_mib']:.1f} ({row['headroom_fraction']:.0%})"
             )
-            lines.append(f"{prefix}  {row['peak_mib']:.1f}  {limit}  {headroom}")
+            name = prefix
+            if len(row["devices"]) > 1:
+                name += f" (one allocator for {', '.join(map(_prefix, row['devices']))})"
+            lines.append(f"{name}  {row['peak_mib']:.1f}  {limit}  {headroom}")
         return "\n".join(lines)
 
-    def save_plot(self, path: str | os.PathLike) -> None:
-        """Draws each device's peak per epoch (and its limit) into a PNG at `path`."""
+    def _plot_notes(self) -> list[str]:
+        """What the plot says about devices that have no line of their own."""
+        notes = []
+        for device, _ in self._tracked:
+            shared = [_prefix(d) for d in self._shared[device]]
+            if len(shared) > 1:
+                why = "share one allocator"
+                if all(":CPU:" in d for d in self._shared[device]):
+                    why = "are logical devices of one CPU and share its allocator"
+                notes.append(
+                    f"{', '.join(shared[:-1])} and {shared[-1]} {why}, so one line "
+                    f"({shared[0]}) shows them all."
+                )
+        if self._left_out:
+            notes.append(
+                "Not plotted (no memory figures, see the warning): "
+                + ", ".join(map(_prefix, self._left_out))
+                + "."
+            )
+        return notes
+
+    def save_plot(self, path: str | os.PathLike):
+        """Draws each device's peak per epoch (and its limit) into a PNG at `path`.
+
+        A device without a line of its own (it shares an allocator with
+        another, or has no figures) is named in a note under the plot.
+
+        Returns:
+            The `matplotlib.figure.Figure` that was saved.
+        """
         from matplotlib.figure import Figure
 
-        figure = Figure(figsize=(7.5, 3.6), dpi=100)
+        notes = self._plot_notes()
+        height = 3.6 + 0.25 * len(notes)
+        figure = Figure(figsize=(7.5, height), dpi=100)
         axes = figure.add_subplot()
         for index, (device, prefix) in enumerate(self._tracked):
             peaks = self.epoch_peaks.get(prefix, [])
             color = f"C{index}"
             epochs = range(1, len(peaks) + 1)
-            axes.plot(epochs, peaks, marker="o", color=color, label=f"{prefix} peak")
+            shared = [_prefix(d) for d in self._shared[device]]
+            label = f"{prefix} peak"
+            if len(shared) > 1:
+                label += f" (shared by {', '.join(shared)})"
+            axes.plot(epochs, peaks, marker="o", color=color, label=label)
             if device in self._limits:
                 axes.axhline(
                     self._limits[device] / MIB,
@@ -405,23 +436,17 @@ class GPUMemoryLogger(keras.callbacks.Callback):
         axes.xaxis.get_major_locator().set_params(integer=True)
         axes.set_ylim(bottom=0)
         axes.grid(alpha=0.3)
-        axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
-        figure.tight_layout()
+        if self._tracked:
+            axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
+        bottom = 0.0
+        if notes:
+            line = 0.25 / height  # one line of notes, as a fraction of the figure
+            bottom = line * (len(notes) + 0.5)
+            for i, note in enumerate(notes):
+                figure.text(0.01, line * (len(notes) - i - 0.5), note, fontsize="small")
+        figure.tight_layout(rect=(0, bottom, 1, 1))
         figure.savefig(os.fspath(path), format="png")
-
-    def get_config(self):
-        return {
-            "every_n_batches": self.every_n_batches,
-            "headroom_threshold": self.headroom_threshold,
-            "plot_path": self.plot_path,
-            "devices": self.devices,
-            "nvml": self.nvml if isinstance(self.nvml, bool) else True,
-            "verbose": self.verbose,
-        }
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
+        return figure
 
 
 def _skew(peaks: list[int]) -> float:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import numbers
-import warnings
 from collections.abc import Callable
 
-from keras_parallel import accumulation_plan
+from keras_parallel import _validation, accumulation_plan
 from keras_parallel._compat import IS_KERAS_3, backend_name, keras
+from keras_parallel._warnings import warn
 
 __all__ = ["GradientAccumulation"]
 
@@ -120,39 +119,18 @@ class GradientAccumulation(keras.callbacks.Callback):
         memory_probe: Callable[[int], int] | None = None,
     ):
         super().__init__()
-        micro_batch_size = accumulation_plan.validate_micro_batch_size(micro_batch_size)
-        if memory_budget is not None and (
-            isinstance(memory_budget, bool)
-            or not isinstance(memory_budget, numbers.Real)
-            or memory_budget <= 0
-        ):
-            raise ValueError(
-                "Invalid value for argument `memory_budget`. Expected a positive number "
-                f"of bytes or None. Received: memory_budget={memory_budget!r}"
-            )
-        if (
-            isinstance(memory_margin, bool)
-            or not isinstance(memory_margin, numbers.Real)
-            or not 0 < memory_margin <= 1
-        ):
-            raise ValueError(
-                "Invalid value for argument `memory_margin`. Expected a float in (0, 1]. "
-                f"Received: memory_margin={memory_margin!r}"
-            )
-        if memory_probe is not None and not callable(memory_probe):
-            raise ValueError(
-                "Invalid value for argument `memory_probe`. Expected a callable "
-                f"size -> peak bytes, or None. Received: memory_probe={memory_probe!r}"
-            )
-        self.micro_batch_size = micro_batch_size
-        self.memory_budget = memory_budget
-        self.memory_margin = float(memory_margin)
-        self.memory_probe = memory_probe
+        self.micro_batch_size = _validation.validate_micro_batch_size(micro_batch_size)
+        self.memory_budget = _validation.validate_positive_number(
+            memory_budget, "memory_budget", allow_none=True
+        )
+        self.memory_margin = _validation.validate_fraction(memory_margin, "memory_margin")
+        self.memory_probe = _validation.validate_callable(
+            memory_probe, "memory_probe", expected="a callable size -> peak bytes", allow_none=True
+        )
         self.micro_batch_size_ = None
-        self._active = False
         self._installed = None
-        self._original_train_function = None
         self._cache = None
+        self._supports_tf_logs = True  # tf-keras: its batch hooks need not convert logs
 
     # ------------------------------------------------------------------ train hooks
     def _validate_model(self, model) -> None:
@@ -185,44 +163,49 @@ class GradientAccumulation(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         model = self.model
         self._validate_model(model)
-        from keras_parallel._tensorflow.accumulation import AccumulatingTrainFunction
+        from keras_parallel._tensorflow.accumulation import (
+            AccumulatingTrainFunction,
+            own_train_function,
+        )
 
-        self.micro_batch_size_ = None if self.micro_batch_size == _AUTO else self.micro_batch_size
-        self._warned_batch_normalization = False
-        self._has_batch_normalization = _has_batch_normalization(model)
-        self._original_train_function = model.train_function
-        self._active = True
+        # The model's own train function (one left installed by a fit that raised is
+        # taken off first).
+        original = own_train_function(model)
         # Reuse the train function (and its traced tf.function) of this instance's
         # last fit while the model and its compiled train function are the same.
         num_replicas = _num_replicas(model)
-        key = (model, self._original_train_function, num_replicas)
-        cached = self._cache[0] if self._cache is not None else None
+        cached = self._cache
         if (
             cached is None
-            or cached[0] is not key[0]
-            or cached[1] is not key[1]
-            or cached[2] != key[2]
+            or cached[0] is not model
+            or cached[1] is not original
+            or cached[2] != num_replicas
         ):
-            self._cache = (key, AccumulatingTrainFunction(model, self, num_replicas))
-        self._installed = self._cache[1]
-        self._installed.original = self._original_train_function
-        model.train_function = self._installed
+            cached = (model, original, num_replicas)
+            cached += (AccumulatingTrainFunction(model, self, num_replicas),)
+        self._cache = cached
+        self.micro_batch_size_ = None if self.micro_batch_size == _AUTO else self.micro_batch_size
+        self._warned_batch_normalization = False
+        self._has_batch_normalization = _has_batch_normalization(model)
+        self._installed = cached[3]
+        # Until on_train_end, or, if this fit raises, until the next call of the
+        # model's train function that no batch of this fit armed.
+        self._installed.install(original)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self._installed is not None:
+            self._installed.arm()
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None and self.micro_batch_size_ is not None:
             logs["micro_batch_size"] = self.micro_batch_size_
 
     def on_train_end(self, logs=None):
-        self._active = False
-        if self.model is not None and self.model.train_function is self._installed:
-            self.model.train_function = self._original_train_function
+        if self._installed is not None:
+            self._installed.uninstall()
         self._installed = None
-        self._original_train_function = None
 
     # ------------------------------------------------- called by the train function
-    def _is_active(self) -> bool:
-        return self._active
-
     def _retries_on_oom(self) -> bool:
         return self.micro_batch_size == _AUTO
 
@@ -239,13 +222,12 @@ class GradientAccumulation(keras.callbacks.Callback):
             and micro < rows_per_device
         ):
             self._warned_batch_normalization = True
-            warnings.warn(
+            warn(
                 "The model has BatchNormalization layers, and GradientAccumulation "
                 f"feeds them micro-batches of {micro} rows per device instead of "
                 f"batches of {rows_per_device}: their statistics are per micro-batch. "
                 "See docs/accumulation.md for remedies (e.g. GroupNormalization, or "
-                "BatchNormalization(momentum=...) adjusted).",
-                stacklevel=2,
+                "BatchNormalization(momentum=...) adjusted)."
             )
         return micro
 
@@ -276,11 +258,12 @@ class GradientAccumulation(keras.callbacks.Callback):
             return rows_per_device  # no known limit (a CPU): keep the batch whole
         probe = self.memory_probe or train_function.make_probe(data)
         if probe is None:
-            warnings.warn(
+            warn(
                 'GradientAccumulation(micro_batch_size="auto") cannot measure memory '
-                "on this device (no allocator statistics), so it keeps the batch whole "
-                "and halves it only on out-of-memory errors. Pass `memory_probe` to plan.",
-                stacklevel=2,
+                f"on {devices[0]} (TensorFlow has no allocator statistics there; on a "
+                "CPU it needs TF_CPU_ALLOCATOR_USE_BFC=true), so it keeps the batch "
+                "whole and halves it only on out-of-memory errors. Pass `memory_probe` "
+                "to plan."
             )
             return rows_per_device
         points = []
@@ -301,10 +284,9 @@ class GradientAccumulation(keras.callbacks.Callback):
         return min(rows_per_device, micro)
 
     def _on_out_of_memory(self, old: int, new: int) -> int:
-        warnings.warn(
-            f"GradientAccumulation: out of memory with micro-batches of {old} rows; "
-            f"redoing the same batch with {new}.",
-            stacklevel=2,
+        warn(
+            f"GradientAccumulation: out of memory with micro-batches of {old} rows "
+            f"per device; redoing the same batch with {new}."
         )
         self.micro_batch_size_ = new
         return new

@@ -174,10 +174,15 @@ class BatchSlice(keras.layers.Layer):
             )
         self.index = index
         self.num_slices = num_slices
-        self.ratios = None if ratios is None else list(resolved)
-        self._ratios = resolved
+        self._given_ratios = None if ratios is None else tuple(resolved)
+        self._ratios = tuple(resolved)
         self._cumulative = _cumulative(resolved)
         self.supports_masking = True
+
+    @property
+    def ratios(self) -> list[float] | None:
+        """The `ratios` given (as floats), or None when `num_slices` was given."""
+        return None if self._given_ratios is None else list(self._given_ratios)
 
     def _bounds(self, batch):
         if isinstance(batch, int):
@@ -215,7 +220,14 @@ class BatchSlice(keras.layers.Layer):
     def compute_mask(self, inputs, mask=None):
         if mask is None or all(m is None for m in _ops.flatten(mask)):
             return None
-        start, stop = self._bounds(_ops.batch_size(_ops.flatten(inputs)[0]))
+        batch = _ops.batch_size(_ops.flatten(inputs)[0])
+        if batch is None:
+            # Keras 3, building a functional model: the batch size is unknown, so
+            # no symbolic mask is recorded (the input's own mask would be fed,
+            # unsliced, to the next layer). When the model runs, Keras asks this
+            # method again with real tensors and passes the sliced mask on.
+            return None
+        start, stop = self._bounds(batch)
         return _ops.map_structure(
             lambda m: None if m is None else _ops.slice_rows(m, start, stop), mask
         )

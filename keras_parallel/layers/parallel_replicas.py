@@ -2,24 +2,23 @@
 
 from __future__ import annotations
 
+import copy
+import types
 import warnings
 
 from keras_parallel import _ops
-from keras_parallel._compat import keras, register
+from keras_parallel._compat import backend_name, keras, register
 from keras_parallel.devices import canonical_device_name, device_scope, remap_missing_devices
 from keras_parallel.layers.batch_slice import BatchSlice, slice_sizes, validate_ratios
 
 __all__ = ["ParallelReplicas"]
 
 
-def _has_non_trainable_state(model) -> bool:
-    return bool(model.non_trainable_weights)
+def _output_specs(model):
+    """(output structure, [(shape without batch, dtype)]) of `model`'s symbolic outputs.
 
-
-def _empty_output_specs(model):
-    """(output structure, [(shape without batch, dtype)]) of `model`, or None.
-
-    None when the model has no symbolic outputs or a non-batch dimension is unknown.
+    A shape may hold None for a dimension only known at run time. None when the
+    model has no symbolic outputs.
     """
     outputs = list(getattr(model, "outputs", None) or [])
     if not outputs:
@@ -28,10 +27,23 @@ def _empty_output_specs(model):
         structure = model.output
     except (AttributeError, ValueError):  # Keras 3 Sequential: `outputs` only
         structure = outputs[0] if len(outputs) == 1 else outputs
-    specs = [(tuple(t.shape)[1:], t.dtype) for t in outputs]
-    if any(d is None for shape, _ in specs for d in shape):
-        return None
+    specs = [(tuple(t.shape)[1:], _dtype_name(t.dtype)) for t in outputs]
     return structure, specs
+
+
+def _plain(value):
+    """`value` with every list, tuple or mapping made a plain list or dict."""
+    if isinstance(value, str | bytes) or value is None:
+        return value
+    if hasattr(value, "items"):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple) or type(value).__name__ == "ListWrapper":
+        return [_plain(v) for v in value]
+    return value
+
+
+def _dtype_name(dtype) -> str:
+    return getattr(dtype, "name", None) or str(dtype)
 
 
 @register
@@ -116,12 +128,17 @@ class ParallelReplicas(keras.layers.Wrapper):
                 "Invalid value for argument `merge_device`. Expected 'cpu', 'first' or a "
                 f"device name. Received: merge_device={merge_device!r}"
             )
-        self.devices = saved
-        self.ratios = ratios
+        # Kept in a plain namespace: tf-keras would wrap lists and dicts assigned to
+        # a layer in its tracking types (`ListWrapper`); the properties below
+        # return plain Python values.
+        self._settings = types.SimpleNamespace(
+            devices=tuple(saved),
+            ratios=tuple(ratios),
+            split=_plain(split),
+            split_figures=None if split_figures is None else _plain(dict(split_figures)),
+            placement=tuple(resolved),
+        )
         self.merge_device = merge_device
-        self.split = split
-        self.split_figures = None if split_figures is None else dict(split_figures)
-        self.placement = resolved
         if merge_device.lower() == "cpu":
             self._merge_on = "/device:CPU:0"
         elif merge_device.lower() == "first":
@@ -131,10 +148,39 @@ class ParallelReplicas(keras.layers.Wrapper):
         self._slicers = [
             BatchSlice(index=i, ratios=ratios, name=f"slice_{i}") for i in range(len(ratios))
         ]
-        # In training, a replica whose slice is empty is skipped (so BN statistics
-        # never see an empty batch) when the model has such state and a 0-row
-        # stand-in for its outputs can be built (non-batch output dims known).
-        self._empty_specs = _empty_output_specs(layer) if _has_non_trainable_state(layer) else None
+        # A replica whose slice is empty is not called: its place in the output is
+        # a 0-row stand-in (see `_replica_output`).
+        self._output_specs = _output_specs(layer)
+        # Keras 3 on TensorFlow compiles the whole step with XLA by default where a
+        # GPU exists (`jit_compile="auto"`), and XLA drops the placement of the
+        # slices: this layer does not support it, so "auto" resolves to no XLA.
+        if backend_name() == "tensorflow":
+            self.supports_jit = False
+
+    @property
+    def devices(self) -> list[str]:
+        """The devices the model was built for, one per slice (canonical names)."""
+        return list(self._settings.devices)
+
+    @property
+    def placement(self) -> list[str]:
+        """The devices the slices run on here (`devices`, with missing ones remapped)."""
+        return list(self._settings.placement)
+
+    @property
+    def ratios(self) -> list[float]:
+        """The ratios the batch is cut by, one per device."""
+        return list(self._settings.ratios)
+
+    @property
+    def split(self):
+        """The `split` given to `DataParallel` (`"memory"`, ratios, ...), or None."""
+        return copy.deepcopy(self._settings.split)
+
+    @property
+    def split_figures(self) -> dict | None:
+        """The figures a measured split was computed from, per device, or None."""
+        return copy.deepcopy(self._settings.split_figures)
 
     @property
     def metrics(self):
@@ -160,42 +206,105 @@ class ParallelReplicas(keras.layers.Wrapper):
             self.layer.build(input_shape)
         self.built = True
 
-    def _call_replica(self, piece, training):
-        if training is None:
-            return self.layer(piece)
-        return self.layer(piece, training=training)
+    @property
+    def _collects_losses(self) -> bool:
+        # On Keras 3, replicas read the variables as values on their own device
+        # (`_ops.call_on_local_values`); losses the template adds in `call` are
+        # then collected and returned with the outputs.
+        return self.num_replicas > 1 and _ops.HAS_STATELESS_SCOPE
+
+    def _call_replica(self, piece, training, batch):
+        """The template on one slice: (outputs, its share of the losses or None).
+
+        Losses added in the template's `call` (activity regularizers) are means
+        over the rows of the call in Keras, or constants: weighing the slice's
+        losses by its share of the batch (rows / batch) gives what one call on
+        the whole batch adds.
+        """
+        kwargs = {} if training is None else {"training": training}
+        if not self._collects_losses:
+            return self.layer(piece, **kwargs), None
+        outputs, loss = _ops.call_on_local_values(self.layer, piece, kwargs)
+        rows = _ops.batch_size(_ops.flatten(piece)[0])
+        return outputs, _ops.scale_by_ratio(loss, rows, batch)
+
+    def _replica_output(self, index, piece, training, batch, first_output):
+        """The template's output for replica `index`, or a 0-row stand-in.
+
+        Returns (outputs, summed losses or None). The template is never called
+        on an empty slice: some kernels (oneDNN's convolutions) return wrong
+        shapes for 0 rows, and statistics such as BatchNormalization's must not
+        see an empty batch. The stand-in has the template's output shapes and
+        dtypes; a non-batch dimension known only at run time is read from the
+        first replica's output (the first slice is empty only for an empty batch).
+        """
+        structure, specs = self._output_specs
+        dynamic = any(d is None for shape, _ in specs for d in shape)
+        if index == 0 and dynamic:
+            return self._call_replica(piece, training, batch)  # nothing to read shapes from
+
+        def empty():
+            parts = []
+            flat_first = _ops.flatten(first_output[0]) if dynamic else None
+            for i, (shape, dtype) in enumerate(specs):
+                if any(d is None for d in shape):
+                    parts.append(_ops.slice_rows(flat_first[i], 0, 0))
+                else:
+                    parts.append(_ops.empty_rows(shape, dtype))
+            outputs = _ops.pack_sequence_as(structure, parts)
+            return outputs, (_ops.zero_loss() if self._collects_losses else None)
+
+        rows = _ops.batch_size(_ops.flatten(piece)[0])
+        if isinstance(rows, int):
+            return self._call_replica(piece, training, batch) if rows > 0 else empty()
+        if self._collects_losses:
+            return _ops.cond(
+                _ops.greater(rows, 0), lambda: self._call_replica(piece, training, batch), empty
+            )
+        outputs = _ops.cond(
+            _ops.greater(rows, 0),
+            lambda: self._call_replica(piece, training, batch)[0],
+            lambda: empty()[0],
+        )
+        return outputs, None
 
     def replica_outputs(self, inputs, training=None):
         """Per-device outputs, before concatenation (one structure per device)."""
-        outputs = []
-        for slicer, device in zip(self._slicers, self.placement, strict=True):
+        return [outputs for outputs, _ in self._replicas(inputs, training)]
+
+    def _replicas(self, inputs, training):
+        if _ops.inside_xla_compilation():
+            raise RuntimeError(
+                "DataParallel cannot run inside an XLA-compiled function "
+                "(`jit_compile=True`): XLA compiles the whole step for one device and "
+                "ignores the placement of the slices, so every slice would run on one "
+                "device. Compile the model with `jit_compile=False` (DataParallel "
+                "models turn `jit_compile=True` off at `compile()`, with a warning), "
+                "and do not call it inside your own `tf.function(jit_compile=True)`."
+            )
+        results = []
+        first = None
+        batch = _ops.batch_size(_ops.flatten(inputs)[0])
+        for index, (slicer, device) in enumerate(
+            zip(self._slicers, self.placement, strict=True)
+        ):
             with device_scope(device):
                 piece = slicer(inputs)
-                outputs.append(self._guarded_call(piece, training))
-        return outputs
-
-    def _guarded_call(self, piece, training):
-        if not (training and self._empty_specs is not None):
-            return self._call_replica(piece, training)
-        rows = _ops.batch_size(_ops.flatten(piece)[0])
-        if isinstance(rows, int):
-            return self._call_replica(piece, training) if rows > 0 else self._empty_outputs()
-        return _ops.cond(
-            _ops.greater(rows, 0),
-            lambda: self._call_replica(piece, training),
-            self._empty_outputs,
-        )
-
-    def _empty_outputs(self):
-        structure, specs = self._empty_specs
-        return _ops.pack_sequence_as(
-            structure, [_ops.empty_rows(shape, dtype) for shape, dtype in specs]
-        )
+                result = self._replica_output(index, piece, training, batch, first)
+            if first is None:
+                first = result
+            results.append(result)
+        return results
 
     def call(self, inputs, training=None):
-        outputs = self.replica_outputs(inputs, training=training)
+        results = self._replicas(inputs, training)
+        losses = [loss for _, loss in results if loss is not None]
+        if losses:
+            self.add_loss(_ops.add_n(losses))
         with device_scope(self._merge_on):
-            return _ops.map_structure(lambda *parts: _ops.concatenate(parts), *outputs)
+            return _ops.map_structure(
+                lambda *parts: _ops.concatenate(parts), *[outputs for outputs, _ in results]
+            )
 
     def compute_output_shape(self, input_shape):
         return self.layer.compute_output_shape(input_shape)

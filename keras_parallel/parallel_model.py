@@ -1,0 +1,113 @@
+"""`ParallelModel`: the functional model that `DataParallel` returns."""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+
+from keras_parallel._compat import IS_KERAS_3, backend_name, keras, register
+from keras_parallel.layers.parallel_replicas import ParallelReplicas
+
+__all__ = ["ParallelModel"]
+
+
+@register
+class ParallelModel(keras.Model):
+    """The functional model returned by `keras_parallel.DataParallel`.
+
+    A plain functional `keras.Model` (inputs, a `ParallelReplicas` layer, the
+    template's output names) with three differences a user notices:
+
+    - `compile()` never lets XLA drop the placement of the slices. XLA compiles
+      the whole training step for one device, so every slice would run on one
+      device. On the TensorFlow backend, `jit_compile="auto"` (Keras 3's
+      default, which means XLA on any machine with a GPU) resolves to no XLA,
+      and an explicit `jit_compile=True` is turned off with a warning that says
+      why. Each device still runs its slice with TensorFlow's own kernels.
+    - `save_weights()` writes the template's weights in the template's own
+      layout, so `keras_parallel.unwrap(parallel)` or a fresh copy of the
+      template (on a one-GPU machine, without keras_parallel) loads them with
+      `load_weights`, and `load_weights()` reads a file written by the template
+      or by this model (also one written by keras_parallel 0.1, with the
+      parallel layout).
+    - It is registered (package `keras_parallel`), so a saved model loads with
+      `keras.models.load_model` without `custom_objects` once keras_parallel is
+      imported.
+
+    Don't build it directly: call `keras_parallel.DataParallel(model)`.
+
+    Args:
+        inputs: the functional model's inputs.
+        outputs: the functional model's outputs.
+        name: str or None. The model's name. Defaults to `None`.
+        **kwargs: base model keyword arguments.
+    """
+
+    # Keras serializes a functional subclass only when its constructor has the
+    # functional signature, which differs between Keras 3 and tf-keras.
+    if IS_KERAS_3:
+
+        def __init__(self, inputs, outputs, name=None, **kwargs):
+            super().__init__(inputs, outputs, name=name, **kwargs)
+
+    else:
+
+        def __init__(self, inputs, outputs, name=None, trainable=True, **kwargs):
+            super().__init__(inputs, outputs, name=name, trainable=trainable, **kwargs)
+
+    def _replicas_layer(self) -> ParallelReplicas | None:
+        for layer in self.layers:
+            if isinstance(layer, ParallelReplicas):
+                return layer
+        return None
+
+    def compile(self, *args, **kwargs):
+        bound = inspect.signature(super().compile).bind_partial(*args, **kwargs)
+        jit = bound.arguments.get("jit_compile", "auto" if IS_KERAS_3 else None)
+        if backend_name() == "tensorflow":
+            if jit is True:
+                warnings.warn(
+                    "DataParallel model: `jit_compile=True` is turned off. XLA compiles "
+                    "the whole training step for one device and ignores where each "
+                    "slice is placed, so every slice would run on one device (the "
+                    "out-of-memory DataParallel exists to avoid). Training runs "
+                    "without XLA, each slice on its own device.",
+                    stacklevel=2,
+                )
+                bound.arguments["jit_compile"] = False
+            elif jit == "auto":
+                bound.arguments["jit_compile"] = False
+        return super().compile(*bound.args, **bound.kwargs)
+
+    def compile_from_config(self, config):
+        # Keras skips compiling a loaded model whose `compile` is overridden unless
+        # this is overridden too; ours only adjusts `jit_compile`, so compile as usual.
+        config = keras.saving.deserialize_keras_object(config)
+        self.compile(**config)
+        if getattr(self, "optimizer", None) is not None and self.built:
+            self.optimizer.build(self.trainable_variables)
+
+    def save_weights(self, filepath, *args, **kwargs):
+        """Saves the template's weights, in the template's layout (see the class doc)."""
+        core = self._replicas_layer()
+        if core is None:  # pragma: no cover - only for a hand-built instance
+            return super().save_weights(filepath, *args, **kwargs)
+        return core.layer.save_weights(filepath, *args, **kwargs)
+
+    def load_weights(self, filepath, *args, **kwargs):
+        """Loads weights saved by the template or by a `DataParallel` model."""
+        core = self._replicas_layer()
+        if core is None:  # pragma: no cover - only for a hand-built instance
+            return super().load_weights(filepath, *args, **kwargs)
+        try:
+            status = core.layer.load_weights(filepath, *args, **kwargs)
+            # tf-keras's TensorFlow-checkpoint format matches lazily: check that
+            # every template variable found its value.
+            if hasattr(status, "assert_existing_objects_matched"):
+                status.assert_existing_objects_matched()
+            return status
+        except Exception as template_error:
+            try:
+                return super().load_weights(filepath, *args, **kwargs)
+            except Exception:
+                raise template_error from None
