@@ -8,9 +8,10 @@ frame outside them: the user's ``model.fit(...)`` line, or the user's own code
 that called into keras_parallel. (Python 3.12's ``skip_file_prefixes`` does
 this by file path; this works on 3.10 and 3.11 too, by module name.)
 
-Where no such frame exists (Keras 3 runs batch hooks in a worker thread on the
-JAX and torch backends), the warning points at the outermost frame; messages
-are worded to stand alone either way.
+In a worker thread (Keras 3 runs some batch hooks in a thread pool on the JAX
+and torch backends) there is no user line on the stack: the warning points at
+the thread pool's frame, or at the outermost frame when every frame is a
+library's. Word messages to stand alone either way.
 """
 
 from __future__ import annotations

@@ -126,9 +126,9 @@ def run(args) -> int:
     )
     callbacks = [
         GradientAccumulation(micro_batch_size=micro),
-        # On a CPU, name both logical devices: they share one allocator, and the
-        # plot says so under its one line.
-        GPUMemoryLogger(plot_path=plot_path, devices=devices if on_cpu else None),
+        # The devices trained on (every GPU when `devices` is None). Two logical
+        # CPUs share one allocator: the plot has one line and says so under it.
+        GPUMemoryLogger(plot_path=plot_path, devices=devices),
     ]
     start = time.perf_counter()
     parallel.fit(

@@ -111,12 +111,12 @@ def split_cpu(num_devices: int) -> list[str]:
     machine with several GPUs: slicing, unequal splits, merging the outputs,
     gradient accumulation, saving and loading.
 
-    Limits: the logical devices share the same cores and the same memory. A run
-    on them shows the mechanics and that the results are right, not speed: n
-    logical CPUs are no faster than one (rather a little slower). They have no
-    memory limit, so `split="memory"` and `micro_batch_size="auto"` have no
-    figures there: give ratios (`split=[2, 1]`) and `memory_budget`. TensorFlow
-    backend only (Keras 3 on TensorFlow, or tf-keras).
+    Limits: the logical devices share the same cores and the same memory, so
+    they add no compute: a run on them shows the mechanics and that the results
+    are right, not speed. They have no memory limit, so `split="memory"` and
+    `micro_batch_size="auto"` have no figures there: give ratios
+    (`split=[2, 1]`) and `memory_budget`. TensorFlow backend only (Keras 3 on
+    TensorFlow, or tf-keras).
 
     Call it at the start of the program, before anything starts TensorFlow's
     devices (creating a tensor or a model, listing logical devices): TensorFlow

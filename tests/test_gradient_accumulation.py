@@ -20,8 +20,8 @@ SW = RNG.uniform(0.2, 3.0, size=(N_SAMPLES,)).astype("float32")
 
 
 class RowRecorder(keras.layers.Layer):
-    """Identity that counts the rows it sees, records the largest call, and (above
-    `limit` rows) raises a real allocator `ResourceExhaustedError`."""
+    """Identity that counts its calls and the rows it sees, records the largest call,
+    and (above `limit` rows) raises a real allocator `ResourceExhaustedError`."""
 
     def __init__(self, limit=None, **kwargs):
         super().__init__(**kwargs)
@@ -34,11 +34,15 @@ class RowRecorder(keras.layers.Layer):
         self.largest = self.add_weight(
             shape=(), initializer="zeros", trainable=False, name="largest", dtype="float32"
         )
+        self.calls = self.add_weight(
+            shape=(), initializer="zeros", trainable=False, name="calls", dtype="float32"
+        )
 
     def call(self, x):
         rows = tf.cast(tf.shape(x)[0], "float32")
         self.seen.assign_add(rows)
         self.largest.assign(tf.maximum(self.largest, rows))
+        self.calls.assign_add(1.0)
         if self.limit is None:
             return x
 
@@ -217,8 +221,11 @@ def test_a_fit_that_raises_leaves_the_model_as_plain_keras_would(failure):
     weights = model.get_weights()
     recorder = model.layers[0]
     recorder.largest.assign(0.0)
+    recorder.calls.assign(0.0)
     model.fit(X, Y, batch_size=batch, epochs=1, shuffle=False, verbose=0)
-    assert float(recorder.largest.numpy()) == batch  # whole batches, not micro-batches
+    # Whole batches from the first step on: one forward pass each, of all its rows.
+    assert float(recorder.largest.numpy()) == batch
+    assert float(recorder.calls.numpy()) == -(-N_SAMPLES // batch)
 
     plain = compiled_model()
     plain.set_weights(weights)
@@ -232,8 +239,10 @@ def test_train_on_batch_after_a_fit_that_raised_takes_the_whole_batch():
     _fail_a_fit_with_accumulation(model, "a callback raises mid-epoch")
     recorder = model.layers[0]
     recorder.largest.assign(0.0)
+    recorder.calls.assign(0.0)
     model.train_on_batch(X[:16], Y[:16])
     assert float(recorder.largest.numpy()) == 16
+    assert float(recorder.calls.numpy()) == 1
 
 
 def test_after_a_fit_that_raised_the_callback_accumulates_again_until_its_fit_ends():
@@ -344,6 +353,23 @@ def test_auto_keeps_the_batch_whole_without_a_memory_limit():
     assert history["micro_batch_size"] == [32]
 
 
+def test_auto_with_a_budget_but_no_allocator_figures_warns_and_keeps_the_batch_whole(
+    monkeypatch,
+):
+    # A CPU without TF_CPU_ALLOCATOR_USE_BFC has no figures to plan from, whether
+    # oneDNN is on (its allocator counts only large blocks) or off (none at all).
+    monkeypatch.delenv("TF_CPU_ALLOCATOR_USE_BFC", raising=False)
+    callback = GradientAccumulation("auto", memory_budget=2**30)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, history = _train([callback], epochs=1)
+    warned = [w for w in caught if "cannot measure memory" in str(w.message)]
+    assert len(warned) == 1
+    assert "TF_CPU_ALLOCATOR_USE_BFC=true" in str(warned[0].message)
+    assert warned[0].filename == __file__  # the user's fit line
+    assert history["micro_batch_size"] == [32]
+
+
 def test_auto_plans_from_an_injected_probe_and_budget():
     measured = []
 
@@ -412,7 +438,7 @@ def test_out_of_memory_during_the_update_is_raised_not_retried():
                 model.fit(X, Y, batch_size=32, epochs=1, verbose=0, callbacks=callbacks)
         assert not [w for w in caught if "out of memory" in str(w.message)]
         results.append(int(model.optimizer.iterations.numpy()))
-    assert results == [0, 0]
+    assert results[1] == results[0]  # what plain Keras counts for the failed update
 
 
 def test_data_parallel_models_take_micro_batches_of_n_devices_rows():

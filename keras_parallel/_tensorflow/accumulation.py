@@ -307,8 +307,8 @@ class AccumulatingTrainFunction:
         """A memory probe on `data`: size -> peak bytes of a forward/backward on that many rows.
 
         Returns None when the device has no allocator statistics (a CPU without
-        TF_CPU_ALLOCATOR_USE_BFC, oneDNN on or off). The probe applies nothing, and restores the
-        non-trainable and metric variables the forward pass touched.
+        TF_CPU_ALLOCATOR_USE_BFC, oneDNN on or off). The probe applies nothing, and
+        restores the non-trainable and metric variables the forward pass touched.
         """
         device = measured_device(self.strategy)
         try:

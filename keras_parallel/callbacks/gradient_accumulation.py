@@ -67,7 +67,12 @@ class GradientAccumulation(keras.callbacks.Callback):
     CPU) and no budget is given, the batch is kept whole. If a step still runs out of
     memory (`tf.errors.ResourceExhaustedError`), the state it touched is restored, the
     micro-batch is halved and the *same* batch is redone: nothing is skipped or applied
-    twice.
+    twice (an error during the optimizer's update itself is raised, as plain `fit`
+    raises it).
+
+    If `fit` raises (a callback, the data, `KeyboardInterrupt`), the model is left as
+    plain Keras leaves it: a later `fit` or `train_on_batch` without the callback
+    trains on whole batches.
 
     With a keras_parallel DataParallel model over n devices, each micro-batch is
     itself split over the devices: a batch of B rows takes
@@ -174,23 +179,22 @@ class GradientAccumulation(keras.callbacks.Callback):
         # Reuse the train function (and its traced tf.function) of this instance's
         # last fit while the model and its compiled train function are the same.
         num_replicas = _num_replicas(model)
-        cached = self._cache
+        key = (model, original, num_replicas)
+        cached_key, train_function = self._cache or ((None, None, None), None)
         if (
-            cached is None
-            or cached[0] is not model
-            or cached[1] is not original
-            or cached[2] != num_replicas
+            cached_key[0] is not model
+            or cached_key[1] is not original
+            or cached_key[2] != num_replicas
         ):
-            cached = (model, original, num_replicas)
-            cached += (AccumulatingTrainFunction(model, self, num_replicas),)
-        self._cache = cached
+            train_function = AccumulatingTrainFunction(model, self, num_replicas)
+        self._cache = (key, train_function)
         self.micro_batch_size_ = None if self.micro_batch_size == _AUTO else self.micro_batch_size
         self._warned_batch_normalization = False
         self._has_batch_normalization = _has_batch_normalization(model)
-        self._installed = cached[3]
+        self._installed = train_function
         # Until on_train_end, or, if this fit raises, until the next call of the
         # model's train function that no batch of this fit armed.
-        self._installed.install(original)
+        train_function.install(original)
 
     def on_train_batch_begin(self, batch, logs=None):
         if self._installed is not None:
