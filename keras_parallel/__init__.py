@@ -2,6 +2,7 @@
 
 from keras_parallel import callbacks
 from keras_parallel._compat import FLAVOUR
+from keras_parallel.devices import split_cpu
 from keras_parallel.layers.batch_slice import BatchSlice, slice_sizes
 from keras_parallel.layers.parallel_replicas import ParallelReplicas
 from keras_parallel.parallel import DataParallel, custom_objects, replicas, unwrap
@@ -21,5 +22,6 @@ __all__ = [
     "plan",
     "replicas",
     "slice_sizes",
+    "split_cpu",
     "unwrap",
 ]

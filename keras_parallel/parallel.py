@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Sequence
 
 from keras_parallel import _ops
 from keras_parallel._compat import IS_KERAS_3, keras
+from keras_parallel._validation import validate_ratios
+from keras_parallel._warnings import warn
 from keras_parallel.devices import resolve_devices
-from keras_parallel.layers.batch_slice import BatchSlice, validate_ratios
+from keras_parallel.layers.batch_slice import BatchSlice
 from keras_parallel.layers.parallel_replicas import ParallelReplicas
 from keras_parallel.parallel_model import ParallelModel
 from keras_parallel.probes import DeviceProbe, split_ratios
@@ -117,11 +118,10 @@ def _resolve_split(split, devices: list[str], model, probe) -> tuple[list[float]
             )
         ratios, figures = split_ratios(split.lower(), devices, model=model, probe=probe)
         if ratios is None:
-            warnings.warn(
+            warn(
                 f"split={split!r}: no usable figure for {[d for d, v in figures.items() if not v]}"
                 f" (figures: {figures}); using an even split. On a CPU, give ratios "
                 "(split=[2, 1]) instead.",
-                stacklevel=3,
             )
             return [1.0] * n, figures
         return ratios, figures
@@ -140,11 +140,10 @@ def _warn_if_unequal(devices: list[str], probe) -> None:
         return
     if max(limits) > 1.25 * min(limits):
         mib = {d: round(v / 2**20) for d, v in zip(devices, limits, strict=True)}
-        warnings.warn(
+        warn(
             f"The devices differ in memory by more than 25% ({mib} MiB) and the split is "
             "even, so the larger ones sit partly idle. Use DataParallel(model, "
             "split='memory') (or split='speed', or explicit ratios).",
-            stacklevel=3,
         )
 
 
@@ -256,10 +255,9 @@ def DataParallel(
     ratios, figures = _resolve_split(split, resolved, model, probe)
     if len(resolved) == 1 and not _warned_single_device:
         _warned_single_device = True
-        warnings.warn(
+        warn(
             f"DataParallel found one device ({resolved[0]}): the model runs unsliced on it. "
             "The same script uses every GPU where there are several.",
-            stacklevel=2,
         )
     split_value = None if split is None else (split if isinstance(split, str) else ratios)
 

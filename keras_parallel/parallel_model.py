@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import inspect
-import warnings
 
 from keras_parallel._compat import IS_KERAS_3, backend_name, keras, register
+from keras_parallel._warnings import warn
 from keras_parallel.layers.parallel_replicas import ParallelReplicas
 
 __all__ = ["ParallelModel"]
@@ -66,13 +66,12 @@ class ParallelModel(keras.Model):
         jit = bound.arguments.get("jit_compile", "auto" if IS_KERAS_3 else None)
         if backend_name() == "tensorflow":
             if jit is True:
-                warnings.warn(
+                warn(
                     "DataParallel model: `jit_compile=True` is turned off. XLA compiles "
                     "the whole training step for one device and ignores where each "
                     "slice is placed, so every slice would run on one device (the "
                     "out-of-memory DataParallel exists to avoid). Training runs "
                     "without XLA, each slice on its own device.",
-                    stacklevel=2,
                 )
                 bound.arguments["jit_compile"] = False
             elif jit == "auto":

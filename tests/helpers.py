@@ -62,3 +62,31 @@ def op_device_indices(concrete_function, op_type: str) -> set[int]:
         for node in nodes
         if node.op == op_type
     }
+
+
+def run_layer_contract(layer, x, tmp_path, mask=None):
+    """The contract every layer of the package meets (as Keras's `run_layer_test`).
+
+    - symbolic: on a `keras.Input` with an unknown batch, the output's non-batch
+      shape is the eager output's;
+    - empty batch: 0 rows in give 0 rows out, same non-batch shape and dtype;
+    - masking: with `supports_masking`, a mask comes out cut like the data
+      (`mask`: a boolean array with the rows of `x`);
+    - serialization: `from_config(get_config())` gives the same config, and a
+      functional model around the layer saves and loads with equal outputs.
+    """
+    eager = np.asarray(layer(x))
+    inputs = keras.Input(x.shape[1:], dtype=str(x.dtype))
+    symbolic = layer(inputs)
+    assert tuple(symbolic.shape)[1:] == eager.shape[1:]
+    empty = np.asarray(layer(x[:0]))
+    assert empty.shape == (0, *eager.shape[1:])
+    assert empty.dtype == eager.dtype
+    if mask is not None and getattr(layer, "supports_masking", False):
+        import tensorflow as tf
+
+        sliced = layer.compute_mask(tf.constant(x), tf.constant(mask))
+        assert tuple(sliced.shape)[0] == eager.shape[0]
+    assert_config_round_trip(layer)
+    model = keras.Model(inputs, symbolic)
+    assert_save_load_same_outputs(model, x, tmp_path)

@@ -147,3 +147,42 @@ def test_config_round_trip_and_save_load(kwargs, tmp_path):
     assert_save_load_same_outputs(
         model, x, tmp_path, custom_objects=keras_parallel.custom_objects()
     )
+
+
+@pytest.mark.parametrize(
+    "kwargs, rows", [({"index": 0, "num_slices": 2}, 5), ({"index": 2, "ratios": [1, 1, 3]}, 7)]
+)
+def test_layer_contract(kwargs, rows, tmp_path):
+    from helpers import run_layer_contract
+
+    x = np.arange(rows * 4, dtype="float32").reshape(rows, 4)
+    mask = np.arange(rows * 4).reshape(rows, 4) % 3 > 0
+    run_layer_contract(BatchSlice(**kwargs), x, tmp_path, mask=mask)
+
+
+def test_masks_are_sliced_with_their_inputs_into_an_rnn(tmp_path):
+    # Embedding(mask_zero=True) -> BatchSlice -> LSTM: the LSTM sees the mask of
+    # its own rows (a wrong mask fails with a shape error or changes the output).
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((5,), dtype="int32")
+    embedded = keras.layers.Embedding(10, 4, mask_zero=True)(inputs)
+    lstm = keras.layers.LSTM(3)
+    model = keras.Model(inputs, lstm(BatchSlice(index=1, num_slices=2)(embedded)))
+    x = np.array([[1, 2, 0, 0, 0], [3, 0, 0, 0, 0], [1, 1, 1, 1, 1]])
+    reference_inputs = keras.Input((5,), dtype="int32")
+    reference = keras.Model(reference_inputs, lstm(model.layers[1](reference_inputs)))
+    np.testing.assert_allclose(
+        model.predict(x, verbose=0), reference.predict(x[2:], verbose=0), atol=1e-6
+    )
+    # The masked steps matter: the same row without its padding gives another output.
+    assert not np.allclose(
+        reference.predict(np.array([[1, 2, 0, 0, 0]]), verbose=0),
+        reference.predict(np.array([[1, 2, 5, 5, 5]]), verbose=0),
+    )
+    assert_save_load_same_outputs(model, x, tmp_path)
+
+
+def test_ratios_are_plain_python_values():
+    layer = BatchSlice(index=0, ratios=[2, 1])
+    assert type(layer.ratios) is list and layer.ratios == [2.0, 1.0]
+    assert BatchSlice(index=0, num_slices=2).ratios is None

@@ -396,3 +396,84 @@ def test_template_checkpoint_writes_the_template(tmp_path):
     assert not any(isinstance(layer, keras_parallel.ParallelReplicas) for layer in saved.layers)
     assert saved.name == template.name
     assert_weights_close(saved.get_weights(), template.get_weights(), rtol=0, atol=0)
+
+
+def test_model_from_the_other_keras_flavour_is_named_as_such():
+    if IS_KERAS_3:
+        other = pytest.importorskip("tf_keras")
+    else:
+        import keras as other  # Keras 3, while keras_parallel uses tf-keras
+    inputs = other.Input((3,))
+    model = other.Model(inputs, other.layers.Dense(2)(inputs))
+    with pytest.raises(ValueError) as raised:
+        DataParallel(model, devices=CPU2)
+    message = str(raised.value)
+    assert "Invalid value for argument `model`" in message
+    assert ("comes from tf-keras" if IS_KERAS_3 else "comes from Keras 3") in message
+    assert "TF_USE_LEGACY_KERAS" in message
+
+
+def test_replicas_attributes_are_plain_python_values():
+    parallel = DataParallel(mlp(), devices=CPU2, split=[2, 1])
+    core = keras_parallel.replicas(parallel)
+    for value in (core.ratios, core.devices, core.placement, core.split):
+        assert type(value) is list
+    assert repr(core.ratios) == "[2.0, 1.0]"
+
+
+def test_core_layer_contract(tmp_path):
+    from helpers import run_layer_contract
+
+    x, _ = data(5)
+    core = keras_parallel.replicas(DataParallel(mlp(), devices=CPU3, split=[2, 1, 1]))
+    run_layer_contract(core, x, tmp_path)
+
+
+def _weight_formats():
+    if IS_KERAS_3:
+        return ["model.weights.h5"]
+    return ["model.h5", "ckpt"]
+
+
+@pytest.mark.parametrize("filename", _weight_formats())
+def test_weights_files_move_between_parallel_model_and_template(tmp_path, filename):
+    x, y = data(8)
+    template = mlp()
+    parallel = DataParallel(template, devices=CPU2, split=[2, 1])
+    parallel.compile("adam", "mse")
+    parallel.fit(x, y, batch_size=4, epochs=1, verbose=0)
+    trained = template.get_weights()
+
+    # Parallel model -> a fresh template (a one-GPU inference machine).
+    path = str(tmp_path / filename)
+    parallel.save_weights(path)
+    fresh = mlp(seed=5)
+    fresh.load_weights(path)
+    assert_weights_close(fresh.get_weights(), trained, rtol=0, atol=0)
+
+    # A template's file -> the parallel model.
+    other = mlp(seed=7)
+    other_path = str(tmp_path / ("other_" + filename))
+    other.save_weights(other_path)
+    parallel.load_weights(other_path)
+    assert_weights_close(template.get_weights(), other.get_weights(), rtol=0, atol=0)
+    np.testing.assert_allclose(parallel.predict(x, verbose=0), other.predict(x, verbose=0), atol=1e-6)
+
+
+@pytest.mark.skipif(not IS_KERAS_3, reason="tf-keras: activity losses are per-slice means")
+def test_activity_regularizer_loss_is_the_single_device_one():
+    # Keras divides activity regularization by the rows of the call; each slice's
+    # share is weighed by its rows, so the loss is the whole batch's.
+    def model():
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((6,))
+        hidden = keras.layers.Dense(8, activation="relu", activity_regularizer="l2")(inputs)
+        return keras.Model(inputs, keras.layers.Dense(3)(hidden))
+
+    x, y = data(7)
+    template = model()
+    template.compile("sgd", "mse")
+    expected = template.evaluate(x, y, batch_size=7, verbose=0)
+    parallel = DataParallel(model(), devices=CPU3, split=[3, 2, 1])
+    parallel.compile("sgd", "mse")
+    np.testing.assert_allclose(parallel.evaluate(x, y, batch_size=7, verbose=0), expected, rtol=1e-6)

@@ -7,45 +7,14 @@ from collections.abc import Sequence
 
 from keras_parallel import _ops
 from keras_parallel._compat import keras, register
+from keras_parallel._validation import validate_positive_int, validate_ratios
 
-__all__ = ["BatchSlice", "slice_boundaries", "slice_sizes", "validate_ratios"]
+__all__ = ["BatchSlice", "slice_boundaries", "slice_sizes"]
 
 
 #: Slack against float64 rounding: equal but inexact ratios ([0.1, 0.1, 0.1])
 #: must cut like [1, 1, 1]. A boundary is ceil(B * C_k / R - ROUNDING_TOLERANCE).
 ROUNDING_TOLERANCE = 1e-7
-
-
-def validate_ratios(ratios, argument: str = "ratios") -> list[float]:
-    """Checks a sequence of slice ratios; returns them as floats.
-
-    Raises:
-        ValueError: for anything but a non-empty sequence of positive, finite
-            numbers. The message names `argument`.
-    """
-    if isinstance(ratios, str | bytes) or not isinstance(ratios, Sequence):
-        raise ValueError(
-            f"Invalid value for argument `{argument}`. Expected a non-empty sequence of "
-            f"positive, finite numbers. Received: {argument}={ratios!r}"
-        )
-    values = []
-    for value in ratios:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            ok = False
-        else:
-            ok = math.isfinite(value) and value > 0
-        if not ok:
-            raise ValueError(
-                f"Invalid value for argument `{argument}`. Expected a non-empty sequence of "
-                f"positive, finite numbers. Received: {argument}={list(ratios)!r}"
-            )
-        values.append(float(value))
-    if not values:
-        raise ValueError(
-            f"Invalid value for argument `{argument}`. Expected a non-empty sequence of "
-            f"positive, finite numbers. Received: {argument}=[]"
-        )
-    return values
 
 
 def _cumulative(ratios: Sequence[float]) -> list[float]:
@@ -158,11 +127,7 @@ class BatchSlice(keras.layers.Layer):
                 f"and `ratios`. Received: num_slices={num_slices!r}, ratios={ratios!r}"
             )
         if num_slices is not None:
-            if isinstance(num_slices, bool) or not isinstance(num_slices, int) or num_slices < 1:
-                raise ValueError(
-                    "Invalid value for argument `num_slices`. Expected a positive int. "
-                    f"Received: num_slices={num_slices!r}"
-                )
+            num_slices = validate_positive_int(num_slices, "num_slices")
             resolved = [1.0] * num_slices
         else:
             resolved = validate_ratios(ratios)

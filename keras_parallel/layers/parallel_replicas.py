@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import copy
 import types
-import warnings
 
 from keras_parallel import _ops
 from keras_parallel._compat import backend_name, keras, register
+from keras_parallel._validation import validate_ratios
+from keras_parallel._warnings import warn
 from keras_parallel.devices import canonical_device_name, device_scope, remap_missing_devices
-from keras_parallel.layers.batch_slice import BatchSlice, slice_sizes, validate_ratios
+from keras_parallel.layers.batch_slice import BatchSlice, slice_sizes
 
 __all__ = ["ParallelReplicas"]
 
@@ -109,11 +110,10 @@ class ParallelReplicas(keras.layers.Wrapper):
         saved = [canonical_device_name(d) for d in devices]
         resolved, missing = remap_missing_devices(saved)
         if missing:
-            warnings.warn(
+            warn(
                 f"This model was built for devices {saved}, but {missing} "
                 f"{'is' if len(missing) == 1 else 'are'} not available here: running "
                 f"those slices on {resolved} instead. Results are unchanged.",
-                stacklevel=2,
             )
         if ratios is None:
             ratios = [1.0] * len(resolved)
