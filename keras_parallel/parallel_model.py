@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 
 from keras_parallel._compat import IS_KERAS_3, backend_name, keras, register
 from keras_parallel._warnings import warn
@@ -99,14 +100,28 @@ class ParallelModel(keras.Model):
         if core is None:  # pragma: no cover - only for a hand-built instance
             return super().load_weights(filepath, *args, **kwargs)
         try:
-            status = core.layer.load_weights(filepath, *args, **kwargs)
-            # tf-keras's TensorFlow-checkpoint format matches lazily: check that
-            # every template variable found its value.
-            if hasattr(status, "assert_existing_objects_matched"):
-                status.assert_existing_objects_matched()
+            # Keras warns about the parts it skips before it fails on a file in the
+            # parallel layout: held back here, and shown only if the load succeeds.
+            with warnings.catch_warnings(record=True) as held:
+                warnings.simplefilter("always")
+                status = core.layer.load_weights(filepath, *args, **kwargs)
+                # tf-keras's TensorFlow-checkpoint format matches lazily: check
+                # that every template variable found its value.
+                if hasattr(status, "assert_existing_objects_matched"):
+                    status.assert_existing_objects_matched()
+            for caught in held:
+                warnings.warn_explicit(
+                    caught.message, caught.category, caught.filename, caught.lineno
+                )
             return status
         except Exception as template_error:
             try:
                 return super().load_weights(filepath, *args, **kwargs)
             except Exception:
                 raise template_error from None
+
+
+if not IS_KERAS_3:
+    # tf-keras's legacy H5 format names the saved model by its bare class name
+    # ("ParallelModel"), not by its registered name: make that name known too.
+    keras.saving.get_custom_objects().setdefault("ParallelModel", ParallelModel)

@@ -457,7 +457,9 @@ def test_weights_files_move_between_parallel_model_and_template(tmp_path, filena
     other.save_weights(other_path)
     parallel.load_weights(other_path)
     assert_weights_close(template.get_weights(), other.get_weights(), rtol=0, atol=0)
-    np.testing.assert_allclose(parallel.predict(x, verbose=0), other.predict(x, verbose=0), atol=1e-6)
+    np.testing.assert_allclose(
+        parallel.predict(x, verbose=0), other.predict(x, verbose=0), atol=1e-6
+    )
 
 
 @pytest.mark.skipif(not IS_KERAS_3, reason="tf-keras: activity losses are per-slice means")
@@ -476,4 +478,21 @@ def test_activity_regularizer_loss_is_the_single_device_one():
     expected = template.evaluate(x, y, batch_size=7, verbose=0)
     parallel = DataParallel(model(), devices=CPU3, split=[3, 2, 1])
     parallel.compile("sgd", "mse")
-    np.testing.assert_allclose(parallel.evaluate(x, y, batch_size=7, verbose=0), expected, rtol=1e-6)
+    got = parallel.evaluate(x, y, batch_size=7, verbose=0)
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+def test_weights_file_in_the_old_parallel_layout_still_loads(tmp_path):
+    # keras_parallel 0.1 returned a plain functional model, whose weights files
+    # had the parallel model's layout.
+    from keras_parallel.parallel_model import ParallelModel
+
+    x, _ = data(4)
+    source = DataParallel(mlp(seed=3), devices=CPU2)
+    path = str(tmp_path / ("old.weights.h5" if IS_KERAS_3 else "old.h5"))
+    super(ParallelModel, source).save_weights(path)  # the plain functional layout
+    target = DataParallel(mlp(seed=4), devices=CPU2)
+    target.load_weights(path)
+    np.testing.assert_allclose(
+        target.predict(x, verbose=0), source.predict(x, verbose=0), atol=1e-6
+    )
