@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from keras_parallel._compat import IS_KERAS_3, backend_name, keras
+from keras_parallel import _backend
+from keras_parallel._compat import IS_KERAS_3, keras
 
 #: Keras 3 can run a layer on given variable values (`keras.StatelessScope`);
 #: `call_on_local_values` needs it.
@@ -11,11 +12,8 @@ HAS_STATELESS_SCOPE = IS_KERAS_3 and hasattr(keras, "StatelessScope")
 
 def inside_xla_compilation() -> bool:
     """True while TensorFlow traces a function for XLA; False on other backends."""
-    if backend_name() != "tensorflow":
-        return False
-    from keras_parallel._tensorflow.xla import inside_xla_compilation as inside
+    return _backend.inside_xla_compilation()
 
-    return inside()
 
 if IS_KERAS_3:
     ops = keras.ops
@@ -83,7 +81,7 @@ if IS_KERAS_3:
         return outputs, loss
 
 else:
-    from keras_parallel._tensorflow.ops import (  # noqa: F401
+    from keras_parallel._backend.tensorflow.ops import (  # noqa: F401
         add_n,
         batch_size,
         ceil_boundary,

@@ -9,15 +9,17 @@ Received: name=...".
 `bool` is never taken for a number: `True` is refused where an int or a
 float is expected, as a typo that Python would otherwise count as 1.
 
-Pure Python, no framework import, so any module may use it.
+Pure Python, no framework import of its own, so any module may use it. Device names
+are made canonical by `keras_parallel._backend.common.devices.canonical_device_name`.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-import re
 from collections.abc import Callable, Iterable, Sequence
+
+from keras_parallel._backend.common.devices import canonical_device_name
 
 __all__ = [
     "canonical_device_name",
@@ -224,39 +226,6 @@ def validate_device_probe(value, name: str = "probe", *, allow_none: bool = Fals
         expected = "a keras_parallel.probes.DeviceProbe" + (" or None" if allow_none else "")
         raise _invalid(name, expected, value)
     return value
-
-
-_DEVICE_RE = re.compile(
-    r"^(?:/job:[^/]+)?(?:/replica:\d+)?(?:/task:\d+)?/?(?:device:)?"
-    r"(?P<type>[a-z_]+)(?::(?P<index>\d+))?$",
-    re.IGNORECASE,
-)
-
-
-def canonical_device_name(name: str) -> str:
-    """Returns `name` in the canonical form ``"/device:TYPE:INDEX"``.
-
-    Args:
-        name: str. A device name such as ``"/gpu:0"``, ``"GPU:1"``, ``"cpu"``
-            or ``"/job:localhost/replica:0/task:0/device:GPU:0"``. A name
-            without an index means index 0.
-
-    Raises:
-        ValueError: when `name` is not a device name.
-    """
-    if not isinstance(name, str):
-        raise ValueError(
-            f"Invalid device name. Expected a string such as '/gpu:0'. Received: {name!r}"
-        )
-    match = _DEVICE_RE.match(name.strip())
-    if match is None:
-        raise ValueError(
-            "Invalid device name. Expected a string such as '/gpu:0', 'GPU:1' or "
-            f"'/cpu:0'. Received: {name!r}"
-        )
-    kind = match.group("type").upper()
-    index = int(match.group("index") or 0)
-    return f"/device:{kind}:{index}"
 
 
 def validate_devices(

@@ -1,4 +1,4 @@
-"""Device discovery, naming and placement, per backend.
+"""Device discovery, naming and placement, on whichever backend is in use.
 
 Device names are kept in one canonical form, ``"/device:GPU:0"``; every form a
 user may write (``"/gpu:0"``, ``"GPU:1"``, ``"gpu"``, ``"/cpu:0"``, a full
@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from keras_parallel import _validation
-from keras_parallel._compat import IS_KERAS_3, backend_name, keras
-from keras_parallel._validation import canonical_device_name
+from keras_parallel import _backend, _validation
+from keras_parallel._backend.common.devices import canonical_device_name
+from keras_parallel._compat import IS_KERAS_3, keras
 
 __all__ = [
     "list_devices",
@@ -35,17 +35,7 @@ def list_devices(device_type: str | None = None) -> list[str]:
     Returns:
         A list such as ``["/device:CPU:0", "/device:GPU:0", "/device:GPU:1"]``.
     """
-    backend = backend_name()
-    if backend == "tensorflow":
-        from keras_parallel._tensorflow.devices import list_logical_devices
-
-        return list_logical_devices(device_type)
-    names = [canonical_device_name(d) for d in keras.distribution.list_devices()]
-    names += [canonical_device_name(d) for d in keras.distribution.list_devices("cpu")]
-    names = list(dict.fromkeys(names))
-    if device_type:
-        names = [n for n in names if n.split(":")[1] == device_type.upper()]
-    return names
+    return _backend.devices.list_devices(device_type)
 
 
 def resolve_devices(devices: None | int | str | Sequence[str] = None) -> list[str]:
@@ -146,35 +136,7 @@ def split_cpu(num_devices: int) -> list[str]:
     ```
     """
     num_devices = _validation.validate_positive_int(num_devices, "num_devices")
-    backend = backend_name()
-    if backend != "tensorflow":
-        hint = (
-            " On JAX, set XLA_FLAGS=--xla_force_host_platform_device_count=N before JAX "
-            "starts instead."
-            if backend == "jax"
-            else ""
-        )
-        raise NotImplementedError(
-            "split_cpu() splits TensorFlow's CPU device, so it needs the TensorFlow "
-            f"backend; the Keras backend here is {backend!r}.{hint}"
-        )
-    import tensorflow as tf
-
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    try:
-        tf.config.set_logical_device_configuration(
-            cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(num_devices)]
-        )
-    except RuntimeError:  # the devices have started: only the same split is possible
-        started = len(tf.config.list_logical_devices("CPU"))
-        if started != num_devices:
-            raise RuntimeError(
-                f"split_cpu({num_devices}) comes too late: TensorFlow has already started "
-                f"its devices, with {started} CPU device(s). Call "
-                f"keras_parallel.split_cpu({num_devices}) at the start of the program, "
-                "before anything creates a tensor or a model or lists TensorFlow's devices."
-            ) from None
-    return [f"/device:CPU:{i}" for i in range(num_devices)]
+    return _backend.devices.split_cpu(num_devices)
 
 
 def remap_missing_devices(devices: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -211,6 +173,4 @@ def device_scope(name: str):
     """A context manager that places the ops created in it on device `name`."""
     if IS_KERAS_3:
         return keras.device(name)
-    from keras_parallel._tensorflow.devices import device_scope as tf_device_scope
-
-    return tf_device_scope(name)
+    return _backend.devices.device_scope(name)  # tf-keras: TensorFlow's

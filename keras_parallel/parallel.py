@@ -6,6 +6,7 @@ import logging
 from collections.abc import Sequence
 
 from keras_parallel import _ops
+from keras_parallel._backend.common.models import input_structure
 from keras_parallel._compat import IS_KERAS_3, keras
 from keras_parallel._validation import validate_ratios
 from keras_parallel._warnings import warn
@@ -299,19 +300,6 @@ def DataParallel(
         f" (measured: {figures})" if figures else "",
     )
     return parallel
-
-
-def input_structure(model):
-    """The model's symbolic inputs with their structure (tensor, list or dict).
-
-    Keras 3 Sequential models built from `keras.Input` have `inputs` but no
-    `input` until they are called; their single input is used then.
-    """
-    try:
-        return model.input
-    except (AttributeError, ValueError):
-        inputs = list(model.inputs)
-        return inputs[0] if len(inputs) == 1 else inputs
 
 
 def _output_names(model) -> list[str]:

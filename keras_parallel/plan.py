@@ -6,13 +6,13 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
-from keras_parallel import _validation, accumulation_plan
-from keras_parallel._compat import backend_name
+from keras_parallel import _backend, _validation, accumulation_plan
 from keras_parallel.devices import resolve_devices
 from keras_parallel.layers.batch_slice import slice_sizes
+from keras_parallel.parallel import _resolve_split, replicas, unwrap
 from keras_parallel.probes import DeviceProbe
 
-__all__ = ["Plan", "plan", "auto_micro_batch_size"]
+__all__ = ["AutoPlan", "Plan", "plan", "plan_auto", "auto_micro_batch_size"]
 
 MIB = 2**20
 
@@ -101,14 +101,6 @@ class Plan:
         )
 
 
-def _default_peak_probe(template, device: str) -> Callable[[int], int | None] | None:
-    if backend_name() != "tensorflow":
-        return None
-    from keras_parallel._tensorflow.probes import measure_peak_bytes
-
-    return lambda rows: measure_peak_bytes(template, device, rows)
-
-
 def plan(
     model,
     batch_size: int,
@@ -155,8 +147,6 @@ def plan(
             `memory_margin` outside (0, 1] (a bool included), a `memory_probe`
             that cannot be called, or arguments `DataParallel` would refuse.
     """
-    from keras_parallel.parallel import _resolve_split, replicas, unwrap
-
     batch_size = _validation.validate_positive_int(batch_size, "batch_size")
     micro_batch_size = _validation.validate_micro_batch_size(micro_batch_size, allow_none=True)
     memory_budget = _validation.validate_positive_number(
@@ -189,25 +179,16 @@ def plan(
             limit = int(memory_budget)
         limits.append(limit)
 
-    peak_line = None
-    probe_fn = memory_probe or _default_peak_probe(template, device_list[0])
-    if probe_fn is not None:
-        per_device = max(1, math.ceil(batch_size / n))
-        points = []
-        for rows in accumulation_plan.probe_sizes(per_device):
-            peak = probe_fn(rows)
-            if peak is None or peak <= 0:  # no statistics (some CPUs report zeros)
-                points = []
-                break
-            points.append((rows, peak))
-        if points:
-            peak_line = accumulation_plan.fit_peak_line(points)
-            notes.append(_peak_line_note(points, peak_line))
-    if peak_line is None:
+    probe_fn = memory_probe or _backend.probes.peak_probe(template, device_list[0])
+    auto = plan_auto(batch_size, ratios, limits, _rows_measure(probe_fn), memory_margin)
+    peak_line = auto.peak_line
+    if peak_line is not None:
+        notes.append(_peak_line_note(auto.points, peak_line))
+    else:
         notes.append("no allocator statistics here: expected peaks unknown")
 
     if micro_batch_size == "auto":
-        micro = auto_micro_batch_size(batch_size, ratios, limits, peak_line, memory_margin)
+        micro = auto.micro_batch_size
         if micro is None:
             micro = math.ceil(batch_size / n)
             notes.append(_kept_whole_note(device_list, limits, peak_line))
@@ -243,6 +224,20 @@ def plan(
     )
 
 
+def _rows_measure(probe_fn):
+    """`plan_auto`'s ``measure`` for a probe of `rows` rows on one device (None: no probe)."""
+    if probe_fn is None:
+        return None
+
+    def measure(rows):
+        peak = probe_fn(rows)
+        if peak is None or peak <= 0:  # no statistics (some CPUs report zeros)
+            return None
+        return rows, peak
+
+    return measure
+
+
 def _peak_line_note(points, peak_line) -> str:
     sizes = ", ".join(str(rows) for rows, _ in points)
     peaks = ", ".join(f"{peak / MIB:,.1f}" for _, peak in points)
@@ -267,6 +262,71 @@ def _kept_whole_note(devices, limits, peak_line) -> str:
     if peak_line is None:
         reasons.append("no measured peaks")
     return "'auto' keeps the batch whole: " + " and ".join(reasons)
+
+
+@dataclass(frozen=True)
+class AutoPlan:
+    """What the one "auto" planner found (`plan_auto`).
+
+    Attributes:
+        micro_batch_size: int or None. Rows per device of a micro step that fits
+            every device; None when a limit or the memory line is unknown.
+        peak_line: ``(a, b)`` or None. The line ``peak = a + b * rows`` through the
+            measured points (`accumulation_plan.fit_peak_line`); None without points.
+        points: list of ``(rows, peak bytes)``: what was measured.
+    """
+
+    micro_batch_size: int | None
+    peak_line: tuple[float, float] | None
+    points: list[tuple[int, int]]
+
+
+def plan_auto(
+    batch_size: int,
+    ratios: Sequence[float],
+    limits: Sequence[int | None],
+    measure: Callable[[int], tuple[int, int] | None] | None,
+    margin: float,
+    *,
+    out_of_memory: tuple[type[BaseException], ...] = (),
+) -> AutoPlan:
+    """The one "auto" planner: `plan(micro_batch_size="auto")` and `GradientAccumulation("auto")`.
+
+    Measures at a few small micro-batch sizes (`accumulation_plan.probe_sizes` of
+    the rows per device, ``ceil(batch_size / len(ratios))``), fits the line
+    ``peak = a + b * rows`` through them and picks the micro-batch size with
+    `auto_micro_batch_size`.
+
+    Args:
+        batch_size: int. Rows of the batch over all devices.
+        ratios: the devices' slice weights.
+        limits: bytes each device may use (None: unknown).
+        measure: callable or None. ``measure(size) -> (rows, peak)``: the peak bytes
+            of the measured device when a micro step has `size` rows per device,
+            and the rows it computes of them; None when there are no figures (no
+            line then). None: nothing to measure.
+        margin: float in (0, 1]. Share of each limit a micro step may fill.
+        out_of_memory: errors of `measure` that end the measuring (the points
+            measured before are kept). Defaults to none.
+
+    Returns:
+        An `AutoPlan`.
+    """
+    points: list[tuple[int, int]] = []
+    if measure is not None:
+        per_device = max(1, math.ceil(batch_size / len(ratios)))
+        for size in accumulation_plan.probe_sizes(per_device):
+            try:
+                point = measure(size)
+            except out_of_memory:
+                break
+            if point is None:
+                points = []
+                break
+            points.append(point)
+    peak_line = accumulation_plan.fit_peak_line(points) if points else None
+    micro = auto_micro_batch_size(batch_size, ratios, limits, peak_line, margin)
+    return AutoPlan(micro, peak_line, points)
 
 
 def auto_micro_batch_size(

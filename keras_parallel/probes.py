@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from keras_parallel import _validation
-from keras_parallel._compat import backend_name
+from keras_parallel import _backend, _validation
+from keras_parallel.memory import device_memory_limit
 
 __all__ = ["DeviceProbe", "split_ratios"]
 
@@ -39,20 +39,14 @@ class DeviceProbe:
 
     def memory_limit(self, device: str) -> int | None:
         """Usable bytes on `device`, or None when unknown (a CPU)."""
-        from keras_parallel.memory import device_memory_limit
-
         return device_memory_limit(device)
 
     def throughput(self, model, device: str) -> float:
-        """Samples/s of a forward and backward pass of `model` on `device`."""
-        if backend_name() != "tensorflow":
-            raise NotImplementedError(
-                f"split='speed' is measured on the TensorFlow backend only; the Keras "
-                f"backend here is {backend_name()!r}. Pass explicit ratios instead."
-            )
-        from keras_parallel._tensorflow.probes import measure_throughput
+        """Samples/s of a forward and backward pass of `model` on `device`.
 
-        return measure_throughput(
+        Measured on the TensorFlow backend; elsewhere NotImplementedError.
+        """
+        return _backend.probes.measure_throughput(
             model, device, batch_size=self.speed_batch_size, repeats=self.speed_repeats
         )
 

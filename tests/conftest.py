@@ -5,6 +5,9 @@
 - Hypothesis profiles: "ci" (derandomized, no deadline, modest example count) is
   loaded when CI is set or HYPOTHESIS_PROFILE=ci; "dev" otherwise.
 - Tests marked `gpu` / `multi_gpu` are skipped without one / two GPUs.
+- With Keras 3 on JAX or torch (`KERAS_BACKEND`), only the backend-neutral test
+  modules (`BACKEND_NEUTRAL`) are collected, TensorFlow is not imported, and
+  JAX gets 3 host devices (`XLA_FLAGS`, set before JAX starts).
 """
 
 from __future__ import annotations
@@ -14,18 +17,39 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 NUM_LOGICAL_CPUS = 3
 
-_cpus = tf.config.list_physical_devices("CPU")
-try:
-    tf.config.set_logical_device_configuration(
-        _cpus[0], [tf.config.LogicalDeviceConfiguration()] * NUM_LOGICAL_CPUS
-    )
-except RuntimeError:  # already initialized by an earlier import in this process
-    pass
+_LEGACY = os.environ.get("TF_USE_LEGACY_KERAS", "").strip().lower() in ("1", "true")
+BACKEND = "tensorflow" if _LEGACY else os.environ.get("KERAS_BACKEND", "tensorflow")
+
+#: The test modules that use no TensorFlow of their own: they run on every backend.
+BACKEND_NEUTRAL = {"test_backends.py", "test_layout.py"}
+
+if BACKEND == "tensorflow":
+    import tensorflow as tf
+
+    _cpus = tf.config.list_physical_devices("CPU")
+    try:
+        tf.config.set_logical_device_configuration(
+            _cpus[0], [tf.config.LogicalDeviceConfiguration()] * NUM_LOGICAL_CPUS
+        )
+    except RuntimeError:  # already initialized by an earlier import in this process
+        pass
+else:
+    if BACKEND == "jax":
+        flags = os.environ.get("XLA_FLAGS", "")
+        if "xla_force_host_platform_device_count" not in flags:
+            os.environ["XLA_FLAGS"] = (
+                f"{flags} --xla_force_host_platform_device_count={NUM_LOGICAL_CPUS}".strip()
+            )
+
+    def pytest_ignore_collect(collection_path, config):
+        name = collection_path.name
+        if name.startswith("test_") and name.endswith(".py"):
+            return name not in BACKEND_NEUTRAL
+        return None
 
 settings.register_profile(
     "ci",
@@ -41,7 +65,9 @@ settings.load_profile(
 
 
 def _num_gpus() -> int:
-    return len(tf.config.list_logical_devices("GPU"))
+    from keras_parallel.devices import list_devices
+
+    return len([d for d in list_devices() if ":GPU:" in d])
 
 
 def pytest_collection_modifyitems(config, items):

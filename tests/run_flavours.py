@@ -10,6 +10,11 @@ its CPU (on with AVX-512):
 
 - Keras 3, TensorFlow backend, oneDNN on  (TF_ENABLE_ONEDNN_OPTS=1)
 - tf-keras,                    oneDNN off (TF_ENABLE_ONEDNN_OPTS=0)
+- Keras 3, JAX backend, 3 host devices    (when jax is installed: `.[jax]`)
+- Keras 3, torch backend                  (when torch is installed: `.[torch]`)
+
+On JAX and torch only the backend-neutral tests run (tests/conftest.py lists
+them); the rest exercise TensorFlow itself.
 
 Every flavour runs even when an earlier one fails; the exit status is non-zero
 when any failed. The last line sums them up. Extra arguments go to pytest
@@ -18,6 +23,7 @@ when any failed. The last line sums them up. Extra arguments go to pytest
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -27,9 +33,22 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
+_KERAS3 = ["TF_USE_LEGACY_KERAS", "KERAS_BACKEND"]
 FLAVOURS = [
-    ("Keras 3 (TensorFlow), oneDNN on", {"TF_ENABLE_ONEDNN_OPTS": "1"}, ["TF_USE_LEGACY_KERAS"]),
-    ("tf-keras, oneDNN off", {"TF_ENABLE_ONEDNN_OPTS": "0", "TF_USE_LEGACY_KERAS": "1"}, []),
+    ("Keras 3 (TensorFlow), oneDNN on", {"TF_ENABLE_ONEDNN_OPTS": "1"}, _KERAS3, "tensorflow"),
+    (
+        "tf-keras, oneDNN off",
+        {"TF_ENABLE_ONEDNN_OPTS": "0", "TF_USE_LEGACY_KERAS": "1"},
+        ["KERAS_BACKEND"],
+        "tf_keras",
+    ),
+    (
+        "Keras 3 (JAX)",
+        {"KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_force_host_platform_device_count=3"},
+        ["TF_USE_LEGACY_KERAS"],
+        "jax",
+    ),
+    ("Keras 3 (torch)", {"KERAS_BACKEND": "torch"}, ["TF_USE_LEGACY_KERAS"], "torch"),
 ]
 
 
@@ -51,7 +70,10 @@ def _counts(junit: Path) -> dict[str, int]:
 def main(argv: list[str]) -> int:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for index, (label, set_env, unset) in enumerate(FLAVOURS):
+        for index, (label, set_env, unset, needs) in enumerate(FLAVOURS):
+            if importlib.util.find_spec(needs) is None:
+                print(f"\n===== {label}: not run ({needs} is not installed) =====", flush=True)
+                continue
             env = {k: v for k, v in os.environ.items() if k not in unset}
             env.update(set_env)
             junit = Path(tmp) / f"flavour{index}.xml"

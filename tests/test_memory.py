@@ -148,7 +148,7 @@ def _cpu_figures_without_bfc():
     """TensorFlow's own answer for the CPU, and TensorFlowSource's, after a 64 MiB block."""
     import tensorflow as tf
 
-    from keras_parallel._tensorflow.memory import TensorFlowSource
+    from keras_parallel._backend.tensorflow.memory import TensorFlowSource
 
     block = tf.ones([16 * 2**20])  # oneDNN's allocator counts a block this large
     float(tf.reduce_sum(block))
@@ -210,7 +210,7 @@ def test_cpu_read_raises_without_bfc_with_onednn_on_and_off(monkeypatch):
     [("true", True), ("1", True), ("TRUE", True), ("false", False), ("yes", False), (None, False)],
 )
 def test_cpu_allocator_is_bfc_reads_the_variable_as_tensorflow_does(monkeypatch, value, is_bfc):
-    from keras_parallel._tensorflow import memory as tf_memory
+    from keras_parallel._backend.tensorflow import memory as tf_memory
 
     if value is None:
         monkeypatch.delenv("TF_CPU_ALLOCATOR_USE_BFC", raising=False)
@@ -230,7 +230,7 @@ def test_device_memory_limit_is_none_on_cpu_and_missing_gpu():
 def test_tensorflow_logical_limits_and_physical_mapping(monkeypatch):
     import tensorflow as tf
 
-    from keras_parallel._tensorflow import memory as tf_memory
+    from keras_parallel._backend.tensorflow import memory as tf_memory
 
     gpus = ["physical0", "physical1"]
     configs = {
@@ -270,5 +270,5 @@ def test_backend_libraries_are_imported_lazily(path):
             imported.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             imported.add(node.module)
-    heavy = ("tensorflow", "jax", "torch", "pynvml", "keras_parallel._tensorflow")
+    heavy = ("tensorflow", "jax", "torch", "pynvml", "keras_parallel._backend.tensorflow")
     assert not [name for name in imported if name.startswith(heavy)]

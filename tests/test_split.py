@@ -133,9 +133,13 @@ def test_split_cpu_rejects_a_bad_number(value):
 
 @pytest.mark.parametrize("backend, hint", [("jax", "XLA_FLAGS"), ("torch", "'torch'")])
 def test_split_cpu_on_another_backend_names_it(monkeypatch, backend, hint):
-    from keras_parallel import devices
+    import importlib
 
-    monkeypatch.setattr(devices, "backend_name", lambda: backend)
+    from keras_parallel import _backend, devices
+
+    # That backend's device module, in place of TensorFlow's (it imports no framework).
+    module = importlib.import_module(f"keras_parallel._backend.{backend}.devices")
+    monkeypatch.setattr(_backend, "devices", module)
     with pytest.raises(NotImplementedError, match=f"backend here is '{backend}'") as error:
         devices.split_cpu(2)
     assert hint in str(error.value)

@@ -20,8 +20,8 @@ from helpers import assert_save_load_same_outputs, assert_weights_close, op_devi
 
 import keras_parallel
 from keras_parallel import DataParallel
+from keras_parallel._backend.tensorflow.xla import inside_xla_compilation
 from keras_parallel._compat import IS_KERAS_3, keras
-from keras_parallel._tensorflow.xla import inside_xla_compilation
 
 CPU2 = ["/cpu:0", "/cpu:1"]
 CPU3 = ["/cpu:0", "/cpu:1", "/cpu:2"]

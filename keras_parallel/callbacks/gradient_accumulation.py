@@ -4,25 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from keras_parallel import _validation, accumulation_plan
-from keras_parallel._compat import IS_KERAS_3, backend_name, keras
+from keras_parallel import _backend, _validation
+from keras_parallel._compat import keras
 from keras_parallel._warnings import warn
+from keras_parallel.layers.batch_slice import slice_sizes
+from keras_parallel.memory import device_memory_limit
+from keras_parallel.parallel import num_replicas, replicas, unwrap, walk_layers
+from keras_parallel.plan import plan_auto
 
 __all__ = ["GradientAccumulation"]
 
 _AUTO = "auto"
 
 
-def _num_replicas(model) -> int:
-    """Devices a keras_parallel DataParallel model splits each micro-batch over (1 otherwise)."""
-    from keras_parallel.parallel import num_replicas
-
-    return num_replicas(model)
-
-
 def _has_batch_normalization(model) -> bool:
-    from keras_parallel.parallel import walk_layers
-
     return any(isinstance(layer, keras.layers.BatchNormalization) for layer in walk_layers(model))
 
 
@@ -139,11 +134,7 @@ class GradientAccumulation(keras.callbacks.Callback):
 
     # ------------------------------------------------------------------ train hooks
     def _validate_model(self, model) -> None:
-        if IS_KERAS_3 and backend_name() != "tensorflow":
-            raise ValueError(
-                "GradientAccumulation needs the TensorFlow backend. Expected "
-                f'KERAS_BACKEND="tensorflow". Received: backend={backend_name()!r}'
-            )
+        _backend.accumulation.check_supported()
         if getattr(model, "optimizer", None) is None:
             raise ValueError(
                 "GradientAccumulation needs a compiled model. Expected a model with an "
@@ -168,25 +159,23 @@ class GradientAccumulation(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         model = self.model
         self._validate_model(model)
-        from keras_parallel._tensorflow.accumulation import (
-            AccumulatingTrainFunction,
-            own_train_function,
-        )
-
+        accumulation = _backend.accumulation
         # The model's own train function (one left installed by a fit that raised is
         # taken off first).
-        original = own_train_function(model)
+        original = accumulation.own_train_function(model)
         # Reuse the train function (and its traced tf.function) of this instance's
         # last fit while the model and its compiled train function are the same.
-        num_replicas = _num_replicas(model)
-        key = (model, original, num_replicas)
+        replicas_n = num_replicas(model)
+        key = (model, original, replicas_n)
         cached_key, train_function = self._cache or ((None, None, None), None)
         if (
             cached_key[0] is not model
             or cached_key[1] is not original
-            or cached_key[2] != num_replicas
+            or cached_key[2] != replicas_n
         ):
-            train_function = AccumulatingTrainFunction(model, self, num_replicas)
+            train_function = accumulation.AccumulatingTrainFunction(
+                model, self._run_batch, replicas_n
+            )
         self._cache = (key, train_function)
         self.micro_batch_size_ = None if self.micro_batch_size == _AUTO else self.micro_batch_size
         self._warned_batch_normalization = False
@@ -209,14 +198,32 @@ class GradientAccumulation(keras.callbacks.Callback):
             self._installed.uninstall()
         self._installed = None
 
-    # ------------------------------------------------- called by the train function
-    def _retries_on_oom(self) -> bool:
-        return self.micro_batch_size == _AUTO
+    # ------------------------------------------------------------------- policy
+    def _run_batch(self, train_function, data):
+        """Runs one batch with the train function's mechanisms: the size, and the retries.
+
+        The micro-batch size comes from `_micro_batch_size_for`. With `"auto"`, a step
+        that runs out of memory before its update began is undone (the state it
+        touched restored) and the same batch redone with half the micro-batch; a
+        fixed size, a micro-batch of 1, or an error during the update is raised.
+        """
+        rows = train_function.local_batch_rows(data)
+        micro = self._micro_batch_size_for(data, rows, train_function)
+        retries = self.micro_batch_size == _AUTO
+        while True:
+            saved = train_function.snapshot_state() if retries else None
+            try:
+                return train_function.step(data, micro)
+            except _backend.accumulation.OUT_OF_MEMORY_ERRORS:
+                if saved is None or micro <= 1 or train_function.update_began():
+                    raise
+                train_function.restore_state(saved)
+                micro = self._on_out_of_memory(micro, max(1, micro // 2))
 
     def _micro_batch_size_for(self, data, rows: int, train_function) -> int:
         """The micro-batch size (per device) for a batch with `rows` rows on the first replica."""
-        replicas = train_function.num_replicas
-        rows_per_device = -(-rows // replicas) if rows else 0
+        replicas_n = train_function.num_replicas
+        rows_per_device = -(-rows // replicas_n) if rows else 0
         if self.micro_batch_size_ is None:
             self.micro_batch_size_ = self._plan(data, max(1, rows_per_device), train_function)
         micro = self.micro_batch_size_
@@ -238,22 +245,17 @@ class GradientAccumulation(keras.callbacks.Callback):
     def _plan(self, data, rows_per_device: int, train_function) -> int:
         """Plans the "auto" micro-batch size (per device) before the first update.
 
-        The rule is `keras_parallel.plan.auto_micro_batch_size`, the one
-        `keras_parallel.plan()` shows: per-device limits (each device of a
-        DataParallel model), a line through peaks measured on the real batch.
+        The planner is `keras_parallel.plan.plan_auto`, the one `keras_parallel.plan()`
+        uses: per-device limits (each device of a DataParallel model), a line through
+        peaks measured on the real batch (by `memory_probe`, else the train
+        function's probe).
         """
-        from keras_parallel._tensorflow.accumulation import OUT_OF_MEMORY_ERRORS, measured_device
-        from keras_parallel.layers.batch_slice import slice_sizes
-        from keras_parallel.memory import device_memory_limit
-        from keras_parallel.parallel import replicas, unwrap
-        from keras_parallel.plan import auto_micro_batch_size
-
         replicas_n = train_function.num_replicas
         if unwrap(self.model) is not self.model:
             core = replicas(self.model)
             ratios, devices = list(core.ratios), list(core.placement)
         else:
-            ratios, devices = [1.0], [measured_device(self.model.distribute_strategy)]
+            ratios, devices = [1.0], [train_function.measured_device()]
         if self.memory_budget is not None:
             limits = [self.memory_budget] * len(devices)
         else:
@@ -270,22 +272,23 @@ class GradientAccumulation(keras.callbacks.Callback):
                 "to plan."
             )
             return rows_per_device
-        points = []
-        for size in accumulation_plan.probe_sizes(rows_per_device):
-            try:
-                peak = probe(size)
-            except OUT_OF_MEMORY_ERRORS:
-                break
+
+        def measure(size):
             # The probe runs `replicas_n * size` rows; the measured (first) device
             # computes its slice of them.
-            points.append((max(1, slice_sizes(replicas_n * size, ratios)[0]), peak))
-        if not points:
-            return 1
-        line = accumulation_plan.fit_peak_line(points)
-        micro = auto_micro_batch_size(
-            rows_per_device * replicas_n, ratios, limits, line, self.memory_margin
+            return max(1, slice_sizes(replicas_n * size, ratios)[0]), probe(size)
+
+        auto = plan_auto(
+            rows_per_device * replicas_n,
+            ratios,
+            limits,
+            measure,
+            self.memory_margin,
+            out_of_memory=_backend.accumulation.OUT_OF_MEMORY_ERRORS,
         )
-        return min(rows_per_device, micro)
+        if not auto.points:
+            return 1
+        return min(rows_per_device, auto.micro_batch_size)
 
     def _on_out_of_memory(self, old: int, new: int) -> int:
         warn(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from keras_parallel._compat import keras
+from keras_parallel.parallel import unwrap
 
 __all__ = ["TemplateCheckpoint"]
 
@@ -36,6 +37,4 @@ class TemplateCheckpoint(keras.callbacks.ModelCheckpoint):
     """
 
     def set_model(self, model):
-        from keras_parallel.parallel import unwrap
-
         super().set_model(unwrap(model))

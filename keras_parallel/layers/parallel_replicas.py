@@ -297,6 +297,8 @@ class ParallelReplicas(keras.layers.Wrapper):
         return results
 
     def call(self, inputs, training=None):
+        if backend_name() == "jax" and self.num_replicas > 1:
+            return self._sharded_call(inputs, training)
         results = self._replicas(inputs, training)
         losses = [loss for _, loss in results if loss is not None]
         if losses:
@@ -305,6 +307,22 @@ class ParallelReplicas(keras.layers.Wrapper):
             return _ops.map_structure(
                 lambda *parts: _ops.concatenate(parts), *[outputs for outputs, _ in results]
             )
+
+    def _sharded_call(self, inputs, training):
+        """JAX: one call of the template, each device's slice sharded onto it."""
+        from keras_parallel._backend.jax.replicas import sharded_call
+
+        kwargs = {} if training is None else {"training": training}
+        batch = _ops.batch_size(_ops.flatten(inputs)[0])
+        if not isinstance(batch, int) or batch == 0:
+            return self.layer(inputs, **kwargs)  # symbolic, or nothing to cut
+        return sharded_call(
+            lambda blocks: self.layer(blocks, **kwargs),
+            inputs,
+            self.slice_sizes(batch),
+            self.placement,
+            _ops.map_structure,
+        )
 
     def compute_output_shape(self, input_shape):
         return self.layer.compute_output_shape(input_shape)

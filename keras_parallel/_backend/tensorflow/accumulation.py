@@ -15,10 +15,13 @@ fetches the batch in Python, then runs one `tf.function` step that, on each repl
    schedules, clipping, weight decay and loss-scale checks happen once);
 4. updates the metrics once on the whole batch's concatenated predictions.
 
-The micro-batch size is a tensor argument, so changing it does not retrace. On
-`tf.errors.ResourceExhaustedError` the caller may restore the state a failed step
-touched (`snapshot_state` / `restore_state`) and rerun the same batch smaller, unless
-the update had begun (`update_began`).
+The micro-batch size is a tensor argument, so changing it does not retrace. The
+function offers mechanisms only: `step` (one accumulating step at a given micro-batch
+size), `snapshot_state` / `restore_state` (the state a failed step touched),
+`update_began` (whether a failed step got as far as its update), `make_probe` (the
+allocator peak of a forward/backward pass). The policy (which micro-batch size,
+whether to retry a step that ran out of memory, and with what) is the caller's: the
+`run_batch` callable it passes in is called with the function and each fetched batch.
 
 The function serves one `fit` at a time: `install` puts it in `model.train_function`,
 `arm` (before each batch of that fit) lets it run one step, `uninstall` puts the
@@ -32,19 +35,24 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from keras_parallel._backend.common.devices import canonical_device_name
+from keras_parallel._backend.tensorflow.memory import memory_info, reset_memory_stats
 from keras_parallel._compat import IS_KERAS_3, keras
-from keras_parallel._tensorflow.memory import memory_info, reset_memory_stats
-from keras_parallel.devices import canonical_device_name
 
 __all__ = [
     "AccumulatingTrainFunction",
     "OUT_OF_MEMORY_ERRORS",
+    "check_supported",
     "measured_device",
     "local_batch_rows",
     "own_train_function",
 ]
 
 OUT_OF_MEMORY_ERRORS = (tf.errors.ResourceExhaustedError,)
+
+
+def check_supported() -> None:
+    """Gradient accumulation works on TensorFlow (Keras 3 and tf-keras): nothing to refuse."""
 
 
 def _drop_optionals(data):
@@ -114,17 +122,18 @@ class AccumulatingTrainFunction:
 
     Args:
         model: the compiled Keras model.
-        controller: the `GradientAccumulation` callback. Called back with
-            ``_micro_batch_size_for(data, rows, probe)`` (the micro-batch size to use,
-            per device), ``_retries_on_oom()`` and ``_on_out_of_memory(old, new)``.
+        run_batch: callable ``run_batch(function, data) -> logs``. Runs one fetched
+            batch `data` with this function's mechanisms (`step`, `snapshot_state`,
+            `restore_state`, `update_began`, `make_probe`) and returns the step's
+            logs: the policy of the caller (`GradientAccumulation`).
         num_replicas: int. Devices the model itself splits each micro-batch over
             (a keras_parallel DataParallel model): rows per micro step are
             ``num_replicas * micro_batch_size``.
     """
 
-    def __init__(self, model, controller, num_replicas=1):
+    def __init__(self, model, run_batch, num_replicas=1):
         self.model = model
-        self.controller = controller
+        self._run_batch = run_batch
         self.num_replicas = num_replicas
         self.original = None  # the model's own train function, while installed
         self._history = None  # model.history of the fit that installed this function
@@ -366,17 +375,23 @@ class AccumulatingTrainFunction:
             # before its on_train_end. Train as the model would without it.
             return self._call_own_train_function(iterator)
         data = _drop_optionals(next(iterator))
-        rows = local_batch_rows(data, self.strategy)
-        micro = self.controller._micro_batch_size_for(data, rows, self)
-        while True:
-            saved = self.snapshot_state() if self.controller._retries_on_oom() else None
-            try:
-                return self._step(data, tf.constant(self.num_replicas * micro, tf.int32))
-            except OUT_OF_MEMORY_ERRORS:
-                if saved is None or micro <= 1 or self.update_began():
-                    raise
-                self.restore_state(saved)
-                micro = self.controller._on_out_of_memory(micro, max(1, micro // 2))
+        return self._run_batch(self, data)
+
+    # ------------------------------------------------------------------ mechanisms
+    def local_batch_rows(self, data) -> int:
+        """Rows of the first replica's part of a fetched batch."""
+        return local_batch_rows(data, self.strategy)
+
+    def measured_device(self) -> str:
+        """The device whose allocator peak `make_probe` reads (see `measured_device`)."""
+        return measured_device(self.strategy)
+
+    def step(self, data, micro_batch_size: int):
+        """One accumulating step on `data`, `micro_batch_size` rows per device per micro step.
+
+        Returns the step's logs; raises `OUT_OF_MEMORY_ERRORS` as the step does.
+        """
+        return self._step(data, tf.constant(self.num_replicas * micro_batch_size, tf.int32))
 
 
 def own_train_function(model):

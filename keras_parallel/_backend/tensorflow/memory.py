@@ -22,10 +22,21 @@ import os
 
 import tensorflow as tf
 
-from keras_parallel.devices import canonical_device_name
-from keras_parallel.memory import MemoryReading, MemorySource, nvml_total_bytes
+from keras_parallel._backend.common.devices import canonical_device_name
+from keras_parallel._backend.common.memory import MIB, MemoryReading, MemorySource
+from keras_parallel._backend.common.nvml import nvml_total_bytes
+from keras_parallel._backend.tensorflow.devices import list_logical_devices
 
-MIB = 2**20
+__all__ = [
+    "TensorFlowSource",
+    "cpu_allocator_is_bfc",
+    "default_source",
+    "logical_gpu_layout",
+    "logical_gpu_memory_limit",
+    "memory_info",
+    "memory_limit",
+    "reset_memory_stats",
+]
 
 
 def _short(name: str) -> str:
@@ -129,8 +140,6 @@ class TensorFlowSource(MemorySource):
         self._limits: dict[str, int | None] = {}
 
     def devices(self) -> list[str]:
-        from keras_parallel._tensorflow.devices import list_logical_devices
-
         return list_logical_devices("GPU")
 
     def read(self, device: str) -> MemoryReading:
@@ -159,3 +168,13 @@ class TensorFlowSource(MemorySource):
             return name
         entry = _logical_entry(name)
         return f"/device:GPU:{entry[0]}" if entry else name
+
+
+def default_source() -> MemorySource:
+    """TensorFlow's allocator source."""
+    return TensorFlowSource()
+
+
+def memory_limit(device: str) -> int | None:
+    """What GPU `device` may use at most: `logical_gpu_memory_limit`."""
+    return logical_gpu_memory_limit(device)

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 
 import numpy as np
 import tensorflow as tf
 
-from keras_parallel._tensorflow.memory import _short
+from keras_parallel._backend.common.models import input_structure
+from keras_parallel._backend.tensorflow.memory import _short
+
+__all__ = ["measure_peak_bytes", "measure_throughput", "peak_probe"]
 
 
 def _example_batch(model, batch_size: int, unknown_dim: int):
     """A generated batch of the model's input shapes (unknown dims: `unknown_dim`)."""
-    from keras_parallel.parallel import input_structure
 
     def make(tensor):
         shape = [batch_size] + [d if d is not None else unknown_dim for d in tensor.shape[1:]]
@@ -86,3 +89,8 @@ def measure_peak_bytes(model, device: str, rows: int, unknown_dim: int = 8) -> i
     with _model_state_kept(model), tf.device(device):
         _forward_backward(model, _example_batch(model, rows, unknown_dim))
     return int(tf.config.experimental.get_memory_info(name)["peak"])
+
+
+def peak_probe(model, device: str) -> Callable[[int], int | None]:
+    """``rows -> measure_peak_bytes(model, device, rows)``: the default memory probe of `plan`."""
+    return lambda rows: measure_peak_bytes(model, device, rows)

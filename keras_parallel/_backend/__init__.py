@@ -1,0 +1,52 @@
+"""The one dispatcher: the backend's modules, chosen once (as Keras's ``backend/__init__.py``).
+
+Each backend has the same modules, under ``_backend/<name>/``:
+
+- ``devices``: `list_devices`, `split_cpu`, `device_scope`;
+- ``memory``: the allocator's `MemorySource` (`default_source`) and `memory_limit`;
+- ``probes``: `measure_throughput` (``split="speed"``) and `peak_probe` (``plan``);
+- ``accumulation``: `check_supported`, `AccumulatingTrainFunction`,
+  `own_train_function`, `OUT_OF_MEMORY_ERRORS` (`GradientAccumulation`).
+
+The backend is `keras_parallel._compat.backend_name()`: Keras 3's backend, and
+"tensorflow" for tf-keras (the tf-keras *flavour* is Keras 2 on the TensorFlow
+*backend*: it uses the TensorFlow modules). A backend without modules of its own
+gets the generic ones of ``_backend/common``. Only the chosen backend's modules are
+imported: under ``KERAS_BACKEND=jax`` or ``torch`` TensorFlow is never imported.
+
+Public modules call through this module's attributes (``_backend.devices.split_cpu``),
+never import a backend's modules by name; backend modules import only each other,
+``_backend.common`` and ``keras_parallel._compat``.
+"""
+
+from __future__ import annotations
+
+from keras_parallel._compat import backend_name
+
+__all__ = [
+    "BACKEND",
+    "accumulation",
+    "devices",
+    "inside_xla_compilation",
+    "memory",
+    "probes",
+]
+
+#: The backend whose modules this dispatcher gives: "tensorflow", "jax", "torch", or
+#: another Keras backend (which gets the generic modules).
+BACKEND = backend_name()
+
+if BACKEND == "tensorflow":
+    from keras_parallel._backend.tensorflow import accumulation, devices, memory, probes
+    from keras_parallel._backend.tensorflow.xla import inside_xla_compilation
+else:
+    if BACKEND == "jax":
+        from keras_parallel._backend.jax import accumulation, devices, memory, probes
+    elif BACKEND == "torch":
+        from keras_parallel._backend.torch import accumulation, devices, memory, probes
+    else:
+        from keras_parallel._backend.common import accumulation, devices, memory, probes
+
+    def inside_xla_compilation() -> bool:
+        """True while TensorFlow traces a function for XLA: never on this backend."""
+        return False

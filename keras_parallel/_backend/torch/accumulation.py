@@ -1,0 +1,30 @@
+"""`GradientAccumulation` on torch: not yet; every name refuses, naming the backend."""
+
+from __future__ import annotations
+
+from keras_parallel._backend.common import accumulation as _common
+
+__all__ = [
+    "AccumulatingTrainFunction",
+    "OUT_OF_MEMORY_ERRORS",
+    "check_supported",
+    "own_train_function",
+]
+
+OUT_OF_MEMORY_ERRORS: tuple[type[BaseException], ...] = ()
+
+
+def check_supported() -> None:
+    """Raises ValueError: gradient accumulation needs the TensorFlow backend for now."""
+    _common.check_supported(backend="torch")
+
+
+class AccumulatingTrainFunction(_common.AccumulatingTrainFunction):
+    """Refuses: no accumulating train function on torch yet."""
+
+    backend = "torch"
+
+
+def own_train_function(model):
+    """Refuses: no accumulating train function on torch yet."""
+    return _common.own_train_function(model, backend="torch")

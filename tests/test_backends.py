@@ -1,0 +1,132 @@
+"""DataParallel on every Keras 3 backend (TensorFlow, JAX, torch) and on tf-keras.
+
+Backend-neutral: this file imports no TensorFlow, JAX or torch of its own and
+runs in every flavour of the suite (`tests/run_flavours.py`). Devices: the
+logical CPUs of TensorFlow, the host devices of JAX
+(`XLA_FLAGS=--xla_force_host_platform_device_count`), or torch's one CPU, where
+the replicas share the device (the slicing, the stand-ins for empty slices and
+the merge are the same code).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import assert_weights_close
+
+import keras_parallel
+from keras_parallel import DataParallel
+from keras_parallel._compat import backend_name, keras
+from keras_parallel.devices import list_devices
+from keras_parallel.layers.parallel_replicas import ParallelReplicas
+
+
+def _cpus():
+    return [d for d in list_devices() if ":CPU:" in d]
+
+
+def _parallel(template, count, split=None):
+    """A DataParallel model over `count` CPU devices (torch: one CPU, shared)."""
+    cpus = _cpus()
+    if len(cpus) >= count:
+        return DataParallel(template, devices=cpus[:count], split=split)
+    if backend_name() != "torch":
+        pytest.skip(f"needs {count} CPU devices, found {cpus}")
+    inputs = keras.Input(tuple(template.inputs[0].shape)[1:])
+    core = ParallelReplicas(template, devices=[cpus[0]] * count, ratios=split)
+    return keras.Model(inputs, core(inputs))
+
+
+def mlp(seed=0):
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((6,))
+    x = keras.layers.Dense(16, activation="tanh")(inputs)
+    return keras.Model(inputs, keras.layers.Dense(3)(x), name="mlp")
+
+
+def conv(seed=0):
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((6, 3))
+    x = keras.layers.Conv1D(4, 3, activation="relu")(inputs)
+    x = keras.layers.GlobalAveragePooling1D()(x)
+    return keras.Model(inputs, keras.layers.Dense(3)(x), name="conv")
+
+
+def data(shape, n, seed=1):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, *shape)).astype("float32")
+    return x, rng.normal(size=(n, 3)).astype("float32")
+
+
+def _numpy(value):
+    if hasattr(value, "detach"):  # torch
+        value = value.detach().cpu()
+    return np.asarray(value)
+
+
+@pytest.mark.parametrize("count, split", [(2, None), (3, [3, 1, 1])])
+@pytest.mark.parametrize("build", [mlp, conv])
+def test_every_batch_size_predicts_and_trains_like_the_template(build, count, split):
+    template = build()
+    shape = tuple(template.inputs[0].shape)[1:]
+    initial = template.get_weights()
+    x, y = data(shape, 2 * count + 1)
+    template.compile(keras.optimizers.SGD(0.05), "mse")
+    expected_predict = template.predict(x, verbose=0)
+    template.fit(x, y, batch_size=count + 1, epochs=2, shuffle=False, verbose=0)
+    expected = template.get_weights()
+
+    template.set_weights(initial)
+    parallel = _parallel(template, count, split)
+    for rows in range(1, 2 * count + 2):  # direct calls, 1 .. 2n + 1 rows
+        np.testing.assert_allclose(
+            _numpy(parallel(x[:rows])), _numpy(template(x[:rows])), rtol=1e-5, atol=1e-6
+        )
+    np.testing.assert_allclose(
+        parallel.predict(x, batch_size=count - 1 or 1, verbose=0), expected_predict, atol=1e-6
+    )
+    parallel.compile(keras.optimizers.SGD(0.05), "mse")
+    parallel.fit(x, y, batch_size=count + 1, epochs=2, shuffle=False, verbose=0)
+    assert_weights_close(template.get_weights(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_save_load_and_unwrap(tmp_path):
+    x, _ = data((6,), 5)
+    template = mlp()
+    parallel = DataParallel(template, devices=_cpus()[:1])
+    assert keras_parallel.unwrap(parallel) is template
+    path = str(tmp_path / "parallel.keras")
+    parallel.save(path)
+    loaded = keras.models.load_model(path)
+    np.testing.assert_allclose(
+        loaded.predict(x, verbose=0), parallel.predict(x, verbose=0), atol=1e-6
+    )
+    weights = str(tmp_path / "template.weights.h5")
+    parallel.save_weights(weights)
+    fresh = mlp(seed=3)
+    fresh.load_weights(weights)
+    assert_weights_close(fresh.get_weights(), template.get_weights(), rtol=0, atol=0)
+
+
+def test_devices_are_listed_in_canonical_form():
+    devices = list_devices()
+    assert devices and all(d.startswith("/device:") for d in devices)
+    assert "/device:CPU:0" in devices
+
+
+@pytest.mark.skipif(backend_name() != "jax", reason="JAX's SPMD layout")
+def test_jax_each_device_computes_its_own_block():
+    import re
+
+    import jax
+
+    template = mlp()
+    parallel = _parallel(template, 3, [3, 1, 1])
+    x, _ = data((6,), 7)  # slices of 5, 1 and 1 rows: blocks of 5 rows per device
+    params = [v.value for v in parallel.trainable_variables]
+    forward = jax.jit(lambda p, t: parallel.stateless_call(p, [], t)[0])
+    compiled = forward.lower(params, x).compile()
+    assert len(compiled.output_shardings.device_set) == 3
+    dots = set(re.findall(r"f32\[(\d+),16\]\{[^}]*\} dot", compiled.as_text()))
+    assert dots == {"5"}  # each device: its block of 5 rows, not the padded 15
+    np.testing.assert_allclose(_numpy(forward(params, x)), _numpy(template(x)), atol=1e-6)
