@@ -14,7 +14,7 @@ For each backend it trains a small Conv3D clip classifier (clips of 8x64x64x3,
   after 3 training steps;
 - where the replicas ran (the devices of the per-replica outputs);
 - speed: samples/s of DataParallel over one GPU against the bare model, batch
-  8, interleaved, medians of 5 repeats of 20 steps (goal >= 0.97);
+  8, interleaved, medians of 7 repeats of 100 steps (goal >= 0.97);
 - GradientAccumulation: whether it runs on this backend.
 """
 
@@ -30,6 +30,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLIP = (8, 64, 64, 3)
+# The accelerator to check; KP_CHECK_DEVICE=/cpu:0 runs the script on a CPU (a smoke test).
+GPU = os.environ.get("KP_CHECK_DEVICE", "/gpu:0")
+SECOND = "/cpu:0"
 
 
 def _check(backend: str) -> dict:
@@ -90,15 +93,15 @@ def _check(backend: str) -> dict:
             "weights_max_abs_diff_after_3_steps": weight_diff,
         }
 
-    result["equivalence"] = [equivalence(["/gpu:0"])]
-    if backend == "torch":
-        result["equivalence"].append(equivalence(["/gpu:0", "/cpu:0"], split=[3, 1]))
+    result["equivalence"] = [equivalence([GPU])]
+    if backend == "torch" and GPU != SECOND:
+        result["equivalence"].append(equivalence([GPU, SECOND], split=[3, 1]))
 
     bare = compile_(template())
-    wrapped = compile_(keras_parallel.DataParallel(template(), devices=["/gpu:0"]))
-    data = (np.repeat(x, 10, axis=0), np.repeat(y, 10, axis=0))
+    wrapped = compile_(keras_parallel.DataParallel(template(), devices=[GPU]))
+    data = (np.repeat(x, 40, axis=0), np.repeat(y, 40, axis=0))
 
-    def rate(model, steps=20):
+    def rate(model, steps=100):
         start = time.perf_counter()
         model.fit(*data, batch_size=8, steps_per_epoch=steps, epochs=1, verbose=0)
         return steps * 8 / (time.perf_counter() - start)
@@ -106,7 +109,7 @@ def _check(backend: str) -> dict:
     rate(bare, 3)
     rate(wrapped, 3)
     rates = {"bare": [], "dp1": []}
-    for _ in range(5):
+    for _ in range(7):
         rates["bare"].append(rate(bare))
         rates["dp1"].append(rate(wrapped))
     medians = {k: statistics.median(v) for k, v in rates.items()}

@@ -11,7 +11,6 @@ from collections.abc import Sequence
 
 from keras_parallel import _backend, _validation
 from keras_parallel._backend.common.devices import canonical_device_name
-from keras_parallel._compat import IS_KERAS_3, keras
 
 __all__ = [
     "list_devices",
@@ -170,7 +169,9 @@ def remap_missing_devices(devices: Sequence[str]) -> tuple[list[str], list[str]]
 
 
 def device_scope(name: str):
-    """A context manager that places the ops created in it on device `name`."""
-    if IS_KERAS_3:
-        return keras.device(name)
-    return _backend.devices.device_scope(name)  # tf-keras: TensorFlow's
+    """A context manager that places the ops created in it on device `name`.
+
+    `name` is canonical ("/device:GPU:0"); each backend translates it to its own
+    (TensorFlow's `tf.device`, `keras.device("gpu:0")` on JAX, `"cuda:0"` on torch).
+    """
+    return _backend.devices.device_scope(name)

@@ -272,7 +272,7 @@ class ParallelReplicas(keras.layers.Wrapper):
         """Per-device outputs, before concatenation (one structure per device)."""
         return [outputs for outputs, _ in self._replicas(inputs, training)]
 
-    def _replicas(self, inputs, training):
+    def _refuse_xla(self):
         if _ops.inside_xla_compilation():
             raise RuntimeError(
                 "DataParallel cannot run inside an XLA-compiled function "
@@ -282,6 +282,9 @@ class ParallelReplicas(keras.layers.Wrapper):
                 "models turn `jit_compile=True` off at `compile()`, with a warning), "
                 "and do not call it inside your own `tf.function(jit_compile=True)`."
             )
+
+    def _replicas(self, inputs, training):
+        self._refuse_xla()
         results = []
         first = None
         batch = _ops.batch_size(_ops.flatten(inputs)[0])
@@ -299,6 +302,14 @@ class ParallelReplicas(keras.layers.Wrapper):
     def call(self, inputs, training=None):
         if backend_name() == "jax" and self.num_replicas > 1:
             return self._sharded_call(inputs, training)
+        if self.num_replicas == 1:
+            # One device: nothing to cut or merge. The outputs stay where they are
+            # made (moving them to the merge device would cost a copy every step,
+            # and on torch a wait for the GPU).
+            self._refuse_xla()
+            kwargs = {} if training is None else {"training": training}
+            with device_scope(self.placement[0]):
+                return self.layer(inputs, **kwargs)
         results = self._replicas(inputs, training)
         losses = [loss for _, loss in results if loss is not None]
         if losses:

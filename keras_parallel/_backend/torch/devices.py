@@ -1,11 +1,43 @@
-"""Device discovery and placement on torch (through `keras.distribution` and `keras.device`)."""
+"""Device discovery and placement on torch.
+
+Keras 3's `keras.distribution` does not exist on the torch backend, so devices
+are listed from torch itself: every CUDA device (`"/device:GPU:i"`, torch's
+`cuda:i`) and the CPU (`"/device:CPU:0"`, torch's `cpu`; torch has one).
+"""
 
 from __future__ import annotations
 
-from keras_parallel._backend.common import devices as _common
-from keras_parallel._backend.common.devices import device_scope, list_devices
+import torch
 
-__all__ = ["device_scope", "list_devices", "split_cpu"]
+from keras_parallel._backend.common import devices as _common
+from keras_parallel._compat import keras
+
+__all__ = ["backend_device_name", "device_scope", "list_devices", "split_cpu"]
+
+
+def list_devices(device_type: str | None = None) -> list[str]:
+    """Canonical names of torch's devices: the CUDA GPUs, then the CPU."""
+    names = [f"/device:GPU:{i}" for i in range(torch.cuda.device_count())]
+    names.append("/device:CPU:0")
+    if device_type:
+        names = [n for n in names if n.split(":")[1] == device_type.upper()]
+    return names
+
+
+def backend_device_name(name: str) -> str:
+    """torch's name for a canonical device name: "/device:GPU:1" -> "cuda:1"."""
+    _, kind, index = name.split(":")
+    if kind == "GPU":
+        return f"cuda:{index}"
+    if kind == "CPU":
+        return "cpu"
+    return f"{kind.lower()}:{index}"
+
+
+def device_scope(name: str):
+    """`keras.device` with torch's name: tensors made in it, and the inputs Keras
+    converts in it, are on that device (a copy that carries the gradient back)."""
+    return keras.device(backend_device_name(name))
 
 
 def split_cpu(num_devices: int) -> list[str]:
