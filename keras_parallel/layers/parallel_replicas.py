@@ -56,16 +56,21 @@ class ParallelReplicas(keras.layers.Wrapper):
     proportional to `ratios`), calls the *same* wrapped model on each slice
     with its ops placed on that slice's device, and concatenates the outputs
     back, in order, on `merge_device`. The wrapped model's own variables are
-    used (no copies), so training this layer trains the wrapped model, and the
-    loss on the concatenated outputs has the single-device gradient.
+    used (one set: on Keras 3 each replica reads them once per call as values
+    on its own device, and the gradient flows back to them), so training this
+    layer trains the wrapped model, and the loss on the concatenated outputs
+    has the single-device gradient.
 
     Placement happens inside `call()`, so it holds every time Keras re-runs
-    the layer (predict, a traced `fit` step, a reloaded model).
+    the layer (predict, a traced `fit` step, a reloaded model). On the
+    TensorFlow backend the layer does not support XLA (`supports_jit` is
+    False): XLA would put every slice on one device. On JAX the slices are
+    sharded over a mesh of the devices instead (see docs/backends.md).
 
-    Empty slices (a batch with fewer rows than devices) are fine. In training
-    mode, a model with non-trainable state (BatchNormalization's moving
-    statistics) skips the call on an empty slice, so the statistics never see
-    an empty batch.
+    Empty slices (a batch with fewer rows than devices) are fine: the wrapped
+    model is never called on one; its place in the output is a 0-row tensor
+    of the model's output shape and dtype. With one device the model is called
+    on the whole batch and its outputs are returned as they are.
 
     Args:
         layer: a built Keras model (or layer) to replicate.
