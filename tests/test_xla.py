@@ -194,7 +194,9 @@ def test_convnext_tiny_on_two_and_three_devices(tmp_path):
     )
     x, y = image_data(4, size=32, channels=3)
     initial = template.get_weights()
-    expected_predict = template.predict(x, verbose=0)
+    # Eager calls, not predict(): tracing ConvNeXt's predict step takes longer
+    # than the computation on 4 images.
+    expected_predict = np.asarray(template(x, training=False))
     template.compile(keras.optimizers.SGD(1e-3), "sparse_categorical_crossentropy")
     template.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0)
     expected = template.get_weights()
@@ -203,10 +205,17 @@ def test_convnext_tiny_on_two_and_three_devices(tmp_path):
         template.set_weights(initial)
         parallel = DataParallel(template, devices=devices)
         # 28M parameters through ~150 layers: float32 sums in another order per slice.
-        np.testing.assert_allclose(parallel.predict(x, verbose=0), expected_predict, atol=1e-4)
+        np.testing.assert_allclose(
+            np.asarray(parallel(x, training=False)), expected_predict, atol=1e-4
+        )
         parallel.compile(keras.optimizers.SGD(1e-3), "sparse_categorical_crossentropy")
         parallel.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0)
         # LayerNormalization and GELU over 1-2 rows per slice: 1e-4 relative (the
         # same float32 reordering), far below what one SGD step changes.
         assert_weights_close(template.get_weights(), expected, rtol=1e-4, atol=1e-6)
-    assert_save_load_same_outputs(parallel, x, tmp_path, atol=1e-5)
+    path = str(tmp_path / "convnext_parallel.keras")
+    parallel.save(path)
+    loaded = keras.models.load_model(path)
+    np.testing.assert_allclose(
+        np.asarray(loaded(x, training=False)), np.asarray(parallel(x, training=False)), atol=1e-5
+    )
