@@ -17,6 +17,8 @@ import time
 
 import numpy as np
 
+from keras_parallel_cli import add_demo_arguments
+
 DIRECTIONS = ("right", "left", "down", "up")
 
 
@@ -162,26 +164,9 @@ def run(args) -> int:
     return 0 if same else 1
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--samples", type=int, default=1024, help="training clips (1024)")
-    parser.add_argument("--epochs", type=int, default=6, help="epochs (6)")
-    parser.add_argument("--frames", type=int, default=8, help="frames per clip (8)")
-    parser.add_argument("--size", type=int, default=24, help="frame height and width (24)")
-    parser.add_argument("--batch-size", type=int, default=32, help="batch size (32)")
-    parser.add_argument(
-        "--micro-batch-size", default="auto", help='rows per device per step, or "auto"'
-    )
-    parser.add_argument("--learning-rate", type=float, default=3e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--output", default="keras_parallel_demo", help="folder for the model and the plot"
-    )
-    parser.add_argument("--verbose", action="store_true", help="a progress bar per step")
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="keras-parallel demo", description=__doc__)
-    add_arguments(parser)
+    add_demo_arguments(parser)  # the command line's own definition: one place
     return run(parser.parse_args(argv))
 
 

@@ -1,8 +1,15 @@
-"""`GradientAccumulation` on torch: not yet; every name refuses, naming the backend."""
+"""`GradientAccumulation` on torch: not yet. The generic refusing mechanisms of
+`_backend/common/accumulation.py` (they name the backend in use); this module
+exists so that every backend has the same modules, and is where torch's own
+accumulation goes.
+"""
 
-from __future__ import annotations
-
-from keras_parallel._backend.common import accumulation as _common
+from keras_parallel._backend.common.accumulation import (
+    OUT_OF_MEMORY_ERRORS,
+    AccumulatingTrainFunction,
+    check_supported,
+    own_train_function,
+)
 
 __all__ = [
     "AccumulatingTrainFunction",
@@ -10,21 +17,3 @@ __all__ = [
     "check_supported",
     "own_train_function",
 ]
-
-OUT_OF_MEMORY_ERRORS: tuple[type[BaseException], ...] = ()
-
-
-def check_supported() -> None:
-    """Raises ValueError: gradient accumulation needs the TensorFlow backend for now."""
-    _common.check_supported(backend="torch")
-
-
-class AccumulatingTrainFunction(_common.AccumulatingTrainFunction):
-    """Refuses: no accumulating train function on torch yet."""
-
-    backend = "torch"
-
-
-def own_train_function(model):
-    """Refuses: no accumulating train function on torch yet."""
-    return _common.own_train_function(model, backend="torch")
