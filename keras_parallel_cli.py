@@ -141,14 +141,38 @@ def _error(command: str, message: str, code: int) -> int:
 # -- commands -------------------------------------------------------------------
 
 
+def _split_cpu(num_devices: int) -> list[str]:
+    """`--cpus N`: the CPU as N devices, the way the backend allows; their names.
+
+    TensorFlow splits its CPU into logical devices (`keras_parallel.split_cpu`);
+    JAX is given N host devices before it starts; torch has one CPU device.
+
+    Raises:
+        RuntimeError: when the devices have already started with another number.
+        NotImplementedError: where the backend cannot have several CPU devices.
+    """
+    from keras_parallel import _backend
+    from keras_parallel.devices import split_cpu
+
+    if _backend.BACKEND == "jax":
+        return _backend.devices.set_cpu_device_count(num_devices)
+    if _backend.BACKEND == "torch" and num_devices > 1:
+        raise NotImplementedError(
+            "torch has one CPU device, /device:CPU:0: --cpus cannot split it. Run "
+            "without --cpus, or use the TensorFlow or JAX backend to try several devices."
+        )
+    return split_cpu(num_devices)
+
+
 def _devices_command(args) -> int:
     with _quiet_start_up():
-        from keras_parallel.devices import list_devices, split_cpu
+        from keras_parallel import _backend
+        from keras_parallel.devices import list_devices
         from keras_parallel.memory import device_memory_limit
 
     if args.cpus is not None:
         try:
-            split_cpu(args.cpus)
+            _split_cpu(args.cpus)
         except (NotImplementedError, RuntimeError) as error:
             return _error("devices", str(error), EXIT_USAGE)
     rows = []
@@ -166,6 +190,8 @@ def _devices_command(args) -> int:
                 f"No GPU found: the CPU is split into {cpus} logical devices. They share "
                 "the same cores: use them to try multi-device runs, not for speed."
             )
+        elif _backend.BACKEND == "torch":
+            print("No GPU found: DataParallel runs on the CPU (torch has one CPU device).")
         else:
             print(
                 "No GPU found: DataParallel runs on the CPU. `--cpus N` splits it into N "
@@ -199,12 +225,12 @@ def _plan_command(args) -> int:
     with _quiet_start_up():
         import keras_parallel
         from keras_parallel._compat import keras
-        from keras_parallel.devices import list_devices, split_cpu
+        from keras_parallel.devices import list_devices
 
     devices = args.devices
     if args.cpus is not None:
         try:
-            cpus = split_cpu(args.cpus)  # before the model is loaded: it starts the devices
+            cpus = _split_cpu(args.cpus)  # before the model is loaded: it starts the devices
         except (NotImplementedError, RuntimeError) as error:
             return _error("plan", str(error), EXIT_USAGE)
         if devices is None and not list_devices("GPU"):
@@ -260,8 +286,9 @@ def _add_cpus_argument(parser: argparse.ArgumentParser) -> None:
         type=_positive_int,
         default=None,
         metavar="N",
-        help="split the CPU into N logical devices first (TensorFlow), to try several "
-        "devices without a GPU; they share the same cores: no speed-up",
+        help="make the CPU N devices first (TensorFlow: logical devices; JAX: host "
+        "devices; not on torch), to try several devices without a GPU; they share the "
+        "same cores: no speed-up",
     )
 
 
@@ -322,10 +349,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def _configured_backend(environ) -> str | None:
+    """The backend Keras 3 would use: `KERAS_BACKEND`, else keras.json's, else None."""
+    if environ.get("KERAS_BACKEND"):
+        return environ["KERAS_BACKEND"]
+    home = environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    try:
+        with open(os.path.join(home, "keras.json")) as config:
+            import json
+
+            return json.load(config).get("backend")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def choose_backend(environ=None) -> str | None:
+    """Picks an installed Keras backend when the one Keras would use is missing.
+
+    Keras 3 uses TensorFlow unless `KERAS_BACKEND` (or ~/.keras/keras.json) says
+    otherwise; installed with `.[jax]` or `.[torch]` alone, it would fail at import.
+    The command then sets `KERAS_BACKEND` to the first installed of TensorFlow, JAX
+    and torch, for itself only (an application may; a library may not). Returns the
+    backend it set, or None when it left the choice to Keras. `environ`: the
+    environment to read and set (default `os.environ`).
+    """
+    environ = os.environ if environ is None else environ
+    configured = _configured_backend(environ) or "tensorflow"
+    if environ.get("TF_USE_LEGACY_KERAS") or _installed(configured):
+        return None
+    for backend in ("tensorflow", "jax", "torch"):
+        if _installed(backend):
+            environ["KERAS_BACKEND"] = backend
+            return backend
+    return None
+
+
 def main(argv=None) -> int:
     # An application may choose TensorFlow's log level (a library may not).
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", DEFAULT_TF_LOG_LEVEL)
     args = build_parser().parse_args(argv)
+    choose_backend()
     return args.handler(args)
 
 

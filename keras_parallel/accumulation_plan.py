@@ -27,6 +27,7 @@ __all__ = [
     "largest_fitting_micro_batch",
     "plan_micro_batch_size",
     "probe_sizes",
+    "refine_micro_batch_size",
 ]
 
 
@@ -190,3 +191,29 @@ def plan_micro_batch_size(
     """
     intercept, slope = fit_peak_line(points)
     return largest_fitting_micro_batch(intercept, slope, limit, margin, max_size=batch_size)
+
+
+def refine_micro_batch_size(peak, estimate: int, budget: float, max_size: int) -> int:
+    """Corrects a size planned from the line with exact figures: the largest that fits.
+
+    For a `peak` that costs nothing to ask (JAX: XLA's memory analysis of the
+    compiled step, which runs nothing), a binary search around the line's
+    `estimate` for the largest ``m`` in ``[1, max_size]`` with
+    ``peak(m) <= budget``, taking peaks as growing with ``m`` (``log2(max_size)``
+    calls at most).
+
+    Returns:
+        An int in ``[1, max_size]`` (1 also when even one row does not fit).
+    """
+    estimate = max(1, min(int(estimate), max_size))
+    if peak(estimate) <= budget:
+        low, high = estimate, max_size  # low fits; search above it
+    else:
+        low, high = 0, estimate - 1  # estimate does not fit; search below it
+    while low < high:
+        middle = (low + high + 1) // 2
+        if peak(middle) <= budget:
+            low = middle
+        else:
+            high = middle - 1
+    return max(1, low)

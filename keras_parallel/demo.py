@@ -11,6 +11,7 @@ accuracy, where the files went, and a reload check.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -58,14 +59,31 @@ def build_classifier(frames: int, size: int):
 
 
 def _split_cpu_if_no_gpu() -> bool:
-    """Splits the CPU into 2 logical devices when there is no GPU. True if it did.
+    """Makes the CPU 2 devices when there is no GPU. True if it did.
 
-    The public way, `keras_parallel.devices.split_cpu`; its limits apply: the two
-    devices share the same cores, so the demo shows the mechanics, not speed.
+    TensorFlow splits its CPU into logical devices (`keras_parallel.split_cpu`),
+    JAX is given 2 host devices before it starts; torch has one CPU device, so
+    it trains there on one. The two devices share the same cores: the demo shows
+    the mechanics, not speed.
     """
-    import tensorflow as tf
-
+    from keras_parallel import _backend
     from keras_parallel.devices import list_devices, split_cpu
+
+    if _backend.BACKEND == "torch":
+        return False
+    if _backend.BACKEND == "jax":
+        flags = os.environ.get("XLA_FLAGS", "")
+        if "collective_call_terminate_timeout" not in flags:
+            # The host devices' all-reduce aborts the process when one device's
+            # thread is 40 s late (XLA's default), as on a busy laptop it can be.
+            os.environ["XLA_FLAGS"] = (
+                f"{flags} --xla_cpu_collective_call_terminate_timeout_seconds=600".strip()
+            )
+        with contextlib.suppress(RuntimeError):  # started earlier: use what it has
+            _backend.devices.set_cpu_device_count(2)
+        return not list_devices("GPU") and len(list_devices("CPU")) > 1
+
+    import tensorflow as tf
 
     if tf.config.list_physical_devices("GPU"):
         return False
@@ -84,18 +102,23 @@ def run(args) -> int:
     on_cpu = _split_cpu_if_no_gpu()
 
     import keras_parallel
+    from keras_parallel import _backend
     from keras_parallel._compat import keras
     from keras_parallel.callbacks import GPUMemoryLogger, GradientAccumulation
     from keras_parallel.devices import list_devices
 
     keras.utils.set_random_seed(args.seed)
+    backend = f"{keras_parallel.FLAVOUR}, {_backend.BACKEND}"
+    gpus = list_devices("GPU")
     if on_cpu:
         devices = [d for d in list_devices("CPU")][:2]
         split = [2, 1]
-        where = "no GPU: a CPU split into 2 logical devices, 2:1"
+        where = "no GPU: a CPU split into 2 devices, 2:1"
+    elif not gpus:
+        devices, split = list_devices("CPU")[:1], None
+        where = "no GPU: one CPU device"
     else:
         devices = None
-        gpus = list_devices("GPU")
         split = "memory" if len(gpus) > 1 else None
         where = f"{len(gpus)} GPU(s), split={split or 'even'}"
     micro = args.micro_batch_size
@@ -109,7 +132,7 @@ def run(args) -> int:
     x_test, y_test = make_clips(max(64, args.samples // 4), args.frames, args.size, seed=99)
 
     template = build_classifier(args.frames, args.size)
-    print(f"keras_parallel {keras_parallel.__version__} ({keras_parallel.FLAVOUR}) - {where}")
+    print(f"keras_parallel {keras_parallel.__version__} ({backend}) - {where}")
     print(
         f"Task: which way does the shape move ({', '.join(DIRECTIONS)})? "
         f"{len(x_train)} training clips of {args.frames}x{args.size}x{args.size}, "
@@ -130,7 +153,12 @@ def run(args) -> int:
         GradientAccumulation(micro_batch_size=micro),
         # The devices trained on (every GPU when `devices` is None). Two logical
         # CPUs share one allocator: the plot has one line and says so under it.
-        GPUMemoryLogger(plot_path=plot_path, devices=devices),
+        # JAX and torch keep no figures for a CPU: there, every GPU (none: the
+        # host's memory only).
+        GPUMemoryLogger(
+            plot_path=plot_path,
+            devices=devices if _backend.BACKEND == "tensorflow" else None,
+        ),
     ]
     start = time.perf_counter()
     parallel.fit(

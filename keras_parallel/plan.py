@@ -33,11 +33,15 @@ class Plan:
             ``ceil(batch_size / (len(devices) * micro_batch_size))``.
         rows_per_step: int. Rows of one full micro step over all devices (the
             last step holds the rest of the batch).
-        rows_per_device: list of int. Rows each device computes at once, in a
-            full micro step: `rows_per_step` cut by the ratios.
+        rows_per_device: list of int. Each device's slice of a full micro
+            step: `rows_per_step` cut by the ratios.
+        rows_computed: list of int. Rows each device computes for its slice:
+            `rows_per_device`, except on JAX, where every device computes as
+            many rows as the largest slice (DataParallel pads the others).
         peak_bytes: list of int or None. Expected peak per device,
-            ``a + b * rows`` from the line through the measured peaks (its
-            intercept never below 0), where they could be measured.
+            ``a + b * rows`` for its `rows_computed`, from the line through the
+            measured peaks (its intercept never below 0), where they could be
+            measured.
         limit_bytes: list of int or None. What each device may use.
         fits: bool or None. Whether every expected peak is within
             ``margin * limit``; None when figures are missing (a CPU).
@@ -52,6 +56,7 @@ class Plan:
     accumulation_steps: int
     rows_per_step: int
     rows_per_device: list[int]
+    rows_computed: list[int]
     peak_bytes: list[int | None]
     limit_bytes: list[int | None]
     fits: bool | None
@@ -73,14 +78,18 @@ class Plan:
                 f"{self.micro_batch_size} x {n} = {self.micro_batch_size * n} rows, "
                 "cut by the ratios"
             )
+        padded = self.rows_computed != self.rows_per_device
+        computes = f"{'computes':>10}" if padded else ""
         lines.append(
-            f"{'device':<16}{'ratio':>7}{'rows':>7}{'peak MiB':>11}{'limit MiB':>11}{'use':>7}"
+            f"{'device':<16}{'ratio':>7}{'rows':>7}{computes}"
+            f"{'peak MiB':>11}{'limit MiB':>11}{'use':>7}"
         )
         for i, device in enumerate(self.devices):
             peak, limit = self.peak_bytes[i], self.limit_bytes[i]
             use = "?" if peak is None or not limit else f"{peak / limit:.0%}"
+            computes = f"{self.rows_computed[i]:>10}" if padded else ""
             lines.append(
-                f"{device:<16}{self.ratios[i]:>7.3g}{self.rows_per_device[i]:>7}"
+                f"{device:<16}{self.ratios[i]:>7.3g}{self.rows_per_device[i]:>7}{computes}"
                 f"{mib(peak):>11}{mib(limit):>11}{use:>7}"
             )
         verdict = {True: "fits", False: "DOES NOT FIT", None: "unknown (no memory figures)"}
@@ -134,7 +143,9 @@ def plan(
             Defaults to `0.8`.
         memory_probe: callable or None. ``memory_probe(rows) -> peak bytes`` of
             one training step of `rows` rows on one device. Defaults to the
-            TensorFlow allocator's peak for a generated batch, where available.
+            backend's probe of a generated batch: the allocator's peak on
+            TensorFlow and torch where it keeps statistics, XLA's compiled
+            estimate on JAX.
         probe: `keras_parallel.probes.DeviceProbe` or None, for limits and
             measured splits. Defaults to `DeviceProbe()`.
 
@@ -184,6 +195,8 @@ def plan(
     peak_line = auto.peak_line
     if peak_line is not None:
         notes.append(_peak_line_note(auto.points, peak_line))
+        if memory_probe is None and _backend.probes.PEAK_NOTE:
+            notes.append(_backend.probes.PEAK_NOTE)
     else:
         notes.append("no allocator statistics here: expected peaks unknown")
 
@@ -201,9 +214,10 @@ def plan(
         steps = accumulation_plan.accumulation_steps(batch_size, micro, n)
         rows_per_step = min(batch_size, n * micro)
     rows = slice_sizes(rows_per_step, ratios)
-    peaks = [
-        None if peak_line is None else int(peak_line[0] + peak_line[1] * r) for r in rows
-    ]
+    computed = _backend.devices.computed_rows(rows)
+    if computed != rows:
+        notes.append(_padding_note())
+    peaks = [None if peak_line is None else int(peak_line[0] + peak_line[1] * r) for r in computed]
     if any(p is None for p in peaks) or any(limit is None for limit in limits):
         fits = None
     else:
@@ -216,6 +230,7 @@ def plan(
         accumulation_steps=steps,
         rows_per_step=rows_per_step,
         rows_per_device=rows,
+        rows_computed=computed,
         peak_bytes=peaks,
         limit_bytes=limits,
         fits=fits,
@@ -252,6 +267,14 @@ def _peak_line_note(points, peak_line) -> str:
             "taken as 0, which only raises the line)"
         )
     return note
+
+
+def _padding_note() -> str:
+    return (
+        f"on the {_backend.BACKEND} backend every device computes as many rows as the "
+        "largest slice (DataParallel pads the smaller slices): 'computes' gives those "
+        "rows, and the peaks and 'auto' count them"
+    )
 
 
 def _kept_whole_note(devices, limits, peak_line) -> str:
@@ -340,9 +363,9 @@ def auto_micro_batch_size(
 
     The one rule for `plan(micro_batch_size="auto")` and
     `GradientAccumulation("auto")`: a micro step of ``len(ratios) * m`` rows is
-    cut by `BatchSlice`'s rule, and each device's rows must fit
-    ``margin * limit`` on the line ``peak = a + b * rows``. None when a limit or
-    the line is unknown.
+    cut by `BatchSlice`'s rule, and the rows each device computes (on JAX, the
+    largest slice's: `Plan.rows_computed`) must fit ``margin * limit`` on the
+    line ``peak = a + b * rows``. None when a limit or the line is unknown.
     """
     if peak_line is None or any(limit is None for limit in limits):
         return None
@@ -355,7 +378,7 @@ def auto_micro_batch_size(
     ]
     m = max(1, math.ceil(batch_size / n))
     while m > 1:
-        rows = slice_sizes(min(batch_size, n * m), ratios)
+        rows = _backend.devices.computed_rows(slice_sizes(min(batch_size, n * m), ratios))
         if all(r <= c for r, c in zip(rows, capacity, strict=True)):
             break
         m -= 1

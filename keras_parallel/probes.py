@@ -44,7 +44,8 @@ class DeviceProbe:
     def throughput(self, model, device: str) -> float:
         """Samples/s of a forward and backward pass of `model` on `device`.
 
-        Measured on the TensorFlow backend; elsewhere NotImplementedError.
+        Measured on the TensorFlow, JAX and torch backends (the model is left
+        unchanged); on another backend NotImplementedError.
         """
         return _backend.probes.measure_throughput(
             model, device, batch_size=self.speed_batch_size, repeats=self.speed_repeats

@@ -25,7 +25,12 @@ _LEGACY = os.environ.get("TF_USE_LEGACY_KERAS", "").strip().lower() in ("1", "tr
 BACKEND = "tensorflow" if _LEGACY else os.environ.get("KERAS_BACKEND", "tensorflow")
 
 #: The test modules that use no TensorFlow of their own: they run on every backend.
-BACKEND_NEUTRAL = {"test_backends.py", "test_layout.py"}
+BACKEND_NEUTRAL = {
+    "test_accumulation_backends.py",
+    "test_backend_probes.py",
+    "test_backends.py",
+    "test_layout.py",
+}
 
 if BACKEND == "tensorflow":
     import tensorflow as tf
@@ -41,15 +46,19 @@ else:
     if BACKEND == "jax":
         flags = os.environ.get("XLA_FLAGS", "")
         if "xla_force_host_platform_device_count" not in flags:
-            os.environ["XLA_FLAGS"] = (
-                f"{flags} --xla_force_host_platform_device_count={NUM_LOGICAL_CPUS}".strip()
-            )
+            flags += f" --xla_force_host_platform_device_count={NUM_LOGICAL_CPUS}"
+        if "xla_cpu_collective_call_terminate_timeout_seconds" not in flags:
+            # The host devices' all-reduce aborts the process when one device's
+            # thread is 40 s late (XLA's default): on a busy 2-core CI machine it can be.
+            flags += " --xla_cpu_collective_call_terminate_timeout_seconds=600"
+        os.environ["XLA_FLAGS"] = flags.strip()
 
     def pytest_ignore_collect(collection_path, config):
         name = collection_path.name
         if name.startswith("test_") and name.endswith(".py"):
             return name not in BACKEND_NEUTRAL
         return None
+
 
 settings.register_profile(
     "ci",
@@ -59,9 +68,7 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.register_profile("dev", deadline=None, max_examples=100)
-settings.load_profile(
-    os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev")
-)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 
 def _num_gpus() -> int:

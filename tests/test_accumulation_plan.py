@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from keras_parallel import accumulation_plan as plan
+from keras_parallel.accumulation_plan import refine_micro_batch_size
 
 sizes = st.integers(min_value=1, max_value=4096)
 
@@ -50,9 +53,7 @@ def test_fit_peak_line_recovers_an_exact_line(intercept, slope, ms):
 
 
 @given(
-    points=st.lists(
-        st.tuples(st.integers(1, 512), st.integers(0, 2**34)), min_size=1, max_size=6
-    )
+    points=st.lists(st.tuples(st.integers(1, 512), st.integers(0, 2**34)), min_size=1, max_size=6)
 )
 def test_fit_peak_line_never_has_a_negative_intercept_nor_drops_below_least_squares(points):
     a, b = plan.fit_peak_line(points)
@@ -145,3 +146,21 @@ def test_probe_sizes_are_small_and_in_the_batch(batch):
 def test_invalid_arguments_name_the_argument(call, name):
     with pytest.raises(ValueError, match=f"`{name}`"):
         call()
+
+
+@given(
+    peaks=st.lists(st.integers(1, 10_000), min_size=1, max_size=40),
+    estimate=st.integers(1, 60),
+    budget=st.integers(0, 300_000),
+)
+def test_refine_finds_the_largest_size_that_fits_a_growing_peak(peaks, estimate, budget):
+    cumulative = list(itertools.accumulate(peaks))  # growing with the size
+    max_size = len(cumulative)
+
+    def peak(size):
+        assert 1 <= size <= max_size, size  # never asks outside [1, max_size]
+        return cumulative[size - 1]
+
+    fitting = [m for m in range(1, max_size + 1) if cumulative[m - 1] <= budget]
+    expected = max(fitting) if fitting else 1
+    assert refine_micro_batch_size(peak, estimate, budget, max_size) == expected

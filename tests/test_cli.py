@@ -148,3 +148,21 @@ def test_demo_end_to_end_tiny(tmp_path):
     assert (out / "direction_classifier.keras").exists()
     loaded = keras.models.load_model(str(out / "direction_classifier.keras"))
     assert loaded.predict(np.zeros((2, 4, 12, 12, 1), "float32"), verbose=0).shape == (2, 4)
+
+
+def test_the_command_picks_an_installed_backend_when_keras_would_use_a_missing_one(
+    monkeypatch, tmp_path
+):
+    import keras_parallel_cli as cli
+
+    environ = {"KERAS_HOME": str(tmp_path)}  # no keras.json: Keras would use TensorFlow
+    installed = {"tensorflow": False, "jax": False, "torch": True}
+    monkeypatch.setattr(cli, "_installed", lambda module: installed[module])
+    assert cli.choose_backend(environ) == "torch"
+    assert environ["KERAS_BACKEND"] == "torch"
+
+    # The backend Keras would use is installed: the choice stays Keras's.
+    environ = {"KERAS_HOME": str(tmp_path)}
+    (tmp_path / "keras.json").write_text('{"backend": "torch"}')
+    assert cli.choose_backend(environ) is None
+    assert "KERAS_BACKEND" not in environ

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from keras_parallel import _backend, _validation
 from keras_parallel._compat import keras
 from keras_parallel._warnings import warn
+from keras_parallel.accumulation_plan import refine_micro_batch_size
 from keras_parallel.layers.batch_slice import slice_sizes
 from keras_parallel.memory import device_memory_limit
 from keras_parallel.parallel import num_replicas, replicas, unwrap, walk_layers
@@ -60,10 +61,13 @@ class GradientAccumulation(keras.callbacks.Callback):
     the largest ``m`` with ``a + b * m <= memory_margin * limit`` is used, where the
     limit is `memory_budget` or the device's memory. Where the limit is unknown (a
     CPU) and no budget is given, the batch is kept whole. If a step still runs out of
-    memory (`tf.errors.ResourceExhaustedError`), the state it touched is restored, the
-    micro-batch is halved and the *same* batch is redone: nothing is skipped or applied
-    twice (an error during the optimizer's update itself is raised, as plain `fit`
-    raises it).
+    memory (TensorFlow's `ResourceExhaustedError`, torch's `OutOfMemoryError`), the
+    state it touched is restored, the micro-batch is halved and the *same* batch is
+    redone: nothing is skipped or applied twice (an error during the optimizer's
+    update itself is raised, as plain `fit` raises it). On JAX, where running out of
+    memory cannot be undone in-process, "auto" measures with XLA's memory analysis of
+    the compiled step (nothing runs) and checks its choice against those exact
+    figures; an out-of-memory error is raised.
 
     If `fit` raises (a callback, the data, `KeyboardInterrupt`), the model is left as
     plain Keras leaves it: a later `fit` or `train_on_batch` without the callback
@@ -77,7 +81,8 @@ class GradientAccumulation(keras.callbacks.Callback):
     The chosen size is in the attribute `micro_batch_size_` after training starts,
     and in the epoch logs as `micro_batch_size`.
 
-    Works with Keras 3 on the TensorFlow backend and with tf-keras.
+    Works with Keras 3 on the TensorFlow, JAX and torch backends and with tf-keras
+    (see docs/accumulation.md for what differs per backend).
 
     Args:
         micro_batch_size: int or `"auto"`. Rows per device per micro-batch, or
@@ -89,14 +94,16 @@ class GradientAccumulation(keras.callbacks.Callback):
             Defaults to `0.8`.
         memory_probe: callable or None. ``memory_probe(micro_batch_size) -> int``:
             the peak bytes of one training step at that micro-batch size. None
-            measures it with TensorFlow's allocator statistics. Defaults to None.
+            measures it with the backend's figures (TensorFlow's and torch's
+            allocator peaks, XLA's memory analysis on JAX). Defaults to None.
 
     Raises:
         ValueError: for an invalid argument (at construction), and at the start of
             training, before any data is read, for a model compiled with
             `steps_per_execution > 1`, an optimizer that accumulates gradients
-            itself (`gradient_accumulation_steps`), an uncompiled model or a
-            backend other than TensorFlow.
+            itself (`gradient_accumulation_steps`), an uncompiled model, a
+            `keras.distribution` on JAX, or a backend other than TensorFlow, JAX
+            and torch.
 
     Example:
 
@@ -209,16 +216,19 @@ class GradientAccumulation(keras.callbacks.Callback):
         """
         rows = train_function.local_batch_rows(data)
         micro = self._micro_batch_size_for(data, rows, train_function)
-        retries = self.micro_batch_size == _AUTO
+        out_of_memory = _backend.accumulation.OUT_OF_MEMORY_ERRORS
+        retries = self.micro_batch_size == _AUTO and bool(out_of_memory)
         while True:
             saved = train_function.snapshot_state() if retries else None
             try:
                 return train_function.step(data, micro)
-            except _backend.accumulation.OUT_OF_MEMORY_ERRORS:
+            except out_of_memory:
                 if saved is None or micro <= 1 or train_function.update_began():
                     raise
-                train_function.restore_state(saved)
-                micro = self._on_out_of_memory(micro, max(1, micro // 2))
+            # Restored outside the `except` block: there the error's traceback still
+            # holds the failed step's tensors (and their memory).
+            train_function.restore_state(saved)
+            micro = self._on_out_of_memory(micro, max(1, micro // 2))
 
     def _micro_batch_size_for(self, data, rows: int, train_function) -> int:
         """The micro-batch size (per device) for a batch with `rows` rows on the first replica."""
@@ -266,10 +276,9 @@ class GradientAccumulation(keras.callbacks.Callback):
         if probe is None:
             warn(
                 'GradientAccumulation(micro_batch_size="auto") cannot measure memory '
-                f"on {devices[0]} (TensorFlow has no allocator statistics there; on a "
-                "CPU it needs TF_CPU_ALLOCATOR_USE_BFC=true), so it keeps the batch "
-                "whole and halves it only on out-of-memory errors. Pass `memory_probe` "
-                "to plan."
+                f"on {devices[0]} ({_backend.accumulation.NO_PROBE_REASON}), so it "
+                "keeps the batch whole and halves it only on out-of-memory errors. "
+                "Pass `memory_probe` to plan."
             )
             return rows_per_device
 
@@ -288,7 +297,16 @@ class GradientAccumulation(keras.callbacks.Callback):
         )
         if not auto.points:
             return 1
-        return min(rows_per_device, auto.micro_batch_size)
+        micro = min(rows_per_device, auto.micro_batch_size)
+        if _backend.accumulation.PROBE_RUNS_NOTHING:
+            # Asking costs no memory (JAX compiles, runs nothing): check the line's
+            # size against exact figures. On JAX every device computes as many rows
+            # as the largest slice, so the smallest limit is the one to fit.
+            budget = self.memory_margin * min(limits)
+            micro = refine_micro_batch_size(
+                lambda size: measure(size)[1], micro, budget, rows_per_device
+            )
+        return micro
 
     def _on_out_of_memory(self, old: int, new: int) -> int:
         warn(

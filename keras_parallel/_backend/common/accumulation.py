@@ -1,7 +1,17 @@
-"""`GradientAccumulation`'s mechanisms, for a backend that has none of its own (yet).
+"""What every backend's accumulating train function shares, and the refusals for the rest.
 
-`check_supported` refuses with the message `GradientAccumulation` has always given;
-the other names exist so that every backend has the same ones, and refuse too.
+`TrainFunctionSwitch` is the life cycle of an accumulating `model.train_function`
+for one `fit`, the same on every backend: `install` puts it in
+`model.train_function`, `arm` (before each batch of that fit) lets it run one
+step, `uninstall` puts the model's own train function back. A call it was not
+armed for, or made after another `fit` began, comes from outside the fit that
+installed it (that fit raised before its `on_train_end`): it uninstalls itself and
+hands the call to the model's own train function, so the model trains as plain
+Keras would. Each backend subclasses it with its step, its state snapshot and
+its probe (`_backend/<name>/accumulation.py`).
+
+For a backend with no accumulation of its own, `check_supported` refuses with a
+clear error, and the other names refuse too.
 """
 
 from __future__ import annotations
@@ -11,40 +21,157 @@ from keras_parallel._compat import backend_name
 __all__ = [
     "AccumulatingTrainFunction",
     "OUT_OF_MEMORY_ERRORS",
+    "TrainFunctionSwitch",
     "check_supported",
     "own_train_function",
+    "state_variables",
 ]
 
 #: Errors a step raises when the device runs out of memory: none known here.
 OUT_OF_MEMORY_ERRORS: tuple[type[BaseException], ...] = ()
 
+#: Whether asking the probe costs no device memory (no probe here).
+PROBE_RUNS_NOTHING = False
+
+#: Why `make_probe` may give no figure.
+NO_PROBE_REASON = "no memory statistics on this backend"
+
 
 def check_supported(backend: str | None = None) -> None:
-    """Raises ValueError: gradient accumulation needs the TensorFlow backend for now."""
+    """Raises ValueError: no gradient accumulation on this backend."""
     backend = backend or backend_name()
     raise ValueError(
-        "GradientAccumulation needs the TensorFlow backend. Expected "
-        f'KERAS_BACKEND="tensorflow". Received: backend={backend!r}'
+        "GradientAccumulation supports the TensorFlow, JAX and torch backends. Expected "
+        'KERAS_BACKEND="tensorflow", "jax" or "torch". '
+        f"Received: backend={backend!r}"
     )
 
 
-def _not_implemented(backend: str | None) -> NotImplementedError:
-    backend = backend or backend_name()
-    return NotImplementedError(
-        "GradientAccumulation needs the TensorFlow backend for now; the Keras backend "
-        f"here is {backend!r}."
-    )
+def state_variables(model) -> list:
+    """Variables a failed step may have changed: non-trainable (BN, seeds), metrics, counters.
+
+    The trainable variables and the optimizer's slots are not among them: a step
+    changes those only in its update, and a step that failed there is not retried.
+    """
+    variables = list(model.non_trainable_variables)
+    for metric in model.metrics:
+        variables.extend(metric.variables)
+    counter = getattr(model, "_train_counter", None)  # tf-keras
+    if counter is not None:
+        variables.append(counter)
+    iterations = getattr(model.optimizer, "iterations", None)
+    if iterations is not None:  # a scalar: cheap insurance against a double count
+        variables.append(iterations)
+    unique, seen = [], set()
+    for variable in variables:
+        if id(variable) not in seen:
+            seen.add(id(variable))
+            unique.append(variable)
+    return unique
+
+
+def loss_tracker(model):
+    """Keras 3's loss tracker: the "loss" Mean its `train_step` updates (None if absent)."""
+    for metric in model.metrics:
+        if metric.name == "loss":
+            return metric
+    return None
+
+
+class TrainFunctionSwitch:
+    """Installs itself as `model.train_function` for one `fit`, and steps aside outside it.
+
+    The base of every backend's accumulating train function. Subclasses define
+    `__call__` with their backend's train-function signature: it calls
+    `armed_for_this_fit()` first and, when that is False, returns
+    `call_own_train_function(*args)`; else it hands the fetched batch to
+    ``run_batch(self, data)``.
+
+    Args:
+        model: the compiled Keras model.
+        run_batch: callable ``run_batch(function, data) -> logs``. Runs one fetched
+            batch `data` with the function's mechanisms (`step`, `snapshot_state`,
+            `restore_state`, `update_began`, `make_probe`) and returns the step's
+            logs: the policy of the caller (`GradientAccumulation`).
+        num_replicas: int. Devices the model itself splits each micro-batch over
+            (a keras_parallel DataParallel model): rows per micro step are
+            ``num_replicas * micro_batch_size``.
+    """
+
+    def __init__(self, model, run_batch=None, num_replicas=1):
+        self.model = model
+        self._run_batch = run_batch
+        self.num_replicas = num_replicas
+        self.original = None  # the model's own train function, while installed
+        self._history = None  # model.history of the fit that installed this function
+        self._armed = False
+
+    def build_optimizer(self) -> None:
+        """Builds the optimizer's slots now, if they are not yet.
+
+        Built lazily inside a step that then runs out of memory, they would be
+        left half made (Keras 3: uninitialized, shape [0]) for the retry.
+        """
+        optimizer = self.model.optimizer
+        if not optimizer.built:
+            optimizer.build(self.model.trainable_variables)
+
+    def install(self, original) -> None:
+        """Becomes `model.train_function` for the `fit` now beginning; `original` is the model's."""
+        self.original = original
+        self._history = getattr(self.model, "history", None)
+        self._armed = False
+        self.model.train_function = self
+
+    def arm(self) -> None:
+        """Lets the next call run one accumulating step (called before each batch of the fit)."""
+        self._armed = True
+
+    def uninstall(self) -> None:
+        """Puts the model's own train function back, if this one is still installed."""
+        if self.model.train_function is self:
+            self.model.train_function = self.original
+        self.original = None
+        self._history = None
+        self._armed = False
+
+    def _another_fit_began(self) -> bool:
+        # Each fit gives the model a new History and starts it (`on_train_begin` sets
+        # `epoch`) before its first step. tf-keras' evaluate and predict also set a
+        # new History, which is never started: those calls, made by callbacks within
+        # the fit, are not a new fit.
+        history = getattr(self.model, "history", None)
+        return history is not self._history and hasattr(history, "epoch")
+
+    def armed_for_this_fit(self) -> bool:
+        """Whether this call comes from a batch of the fit that installed this function.
+
+        Disarms: each arming allows one call.
+        """
+        armed, self._armed = self._armed, False
+        return armed and not self._another_fit_began()
+
+    def call_own_train_function(self, *args):
+        """Uninstalls this function and runs the model's own train function instead."""
+        self.uninstall()
+        train_function = self.model.train_function
+        if train_function is None:
+            self.model.make_train_function()
+            train_function = self.model.train_function
+        return train_function(*args)
+
+
+def own_train_function(model, switch_type: type = TrainFunctionSwitch):
+    """`model.train_function`, with an accumulating one left by a `fit` that raised taken off."""
+    function = model.train_function
+    if isinstance(function, switch_type):
+        function.uninstall()
+        function = model.train_function
+    return function
 
 
 class AccumulatingTrainFunction:
     """Refuses: no accumulating train function on this backend."""
 
-    backend: str | None = None
-
     def __init__(self, model, run_batch, num_replicas=1):
-        raise _not_implemented(self.backend)
-
-
-def own_train_function(model, backend: str | None = None):
-    """Refuses: no accumulating train function on this backend."""
-    raise _not_implemented(backend)
+        check_supported()

@@ -11,7 +11,13 @@ import re
 
 from keras_parallel._compat import backend_name, keras
 
-__all__ = ["canonical_device_name", "list_devices", "split_cpu", "device_scope"]
+__all__ = [
+    "canonical_device_name",
+    "computed_rows",
+    "device_scope",
+    "list_devices",
+    "split_cpu",
+]
 
 _DEVICE_RE = re.compile(
     r"^(?:/job:[^/]+)?(?:/replica:\d+)?(?:/task:\d+)?/?(?:device:)?"
@@ -68,3 +74,8 @@ def split_cpu(num_devices: int, backend: str | None = None, hint: str = "") -> l
 def device_scope(name: str):
     """A context manager that places the ops created in it on device `name`."""
     return keras.device(name)
+
+
+def computed_rows(sizes: list[int]) -> list[int]:
+    """The rows each device computes for DataParallel slices of `sizes` rows: its own."""
+    return list(sizes)

@@ -1,12 +1,75 @@
-"""Timing and memory probes for a backend that has none of its own."""
+"""Timing and memory probes: what every backend's probes share, and the generic refusals.
+
+The shared pieces: `example_batch` (a generated batch of the model's input
+shapes), `host_array` (its values, before a backend converts them) and
+`samples_per_second` (the warm-up call and the median of timed calls). A backend
+without probes of its own gets `measure_throughput` (it refuses) and
+`peak_probe` (None: no statistics).
+"""
 
 from __future__ import annotations
 
+import statistics
+import time
 from collections.abc import Callable
 
+import numpy as np
+
+from keras_parallel._backend.common.models import input_structure
 from keras_parallel._compat import backend_name
 
-__all__ = ["measure_throughput", "peak_probe"]
+__all__ = [
+    "PEAK_NOTE",
+    "example_batch",
+    "host_array",
+    "measure_throughput",
+    "peak_probe",
+    "samples_per_second",
+]
+
+#: What a backend's `peak_probe` figures are, for `plan`'s notes when it is not
+#: the allocator's peak; None: nothing to add.
+PEAK_NOTE: str | None = None
+
+
+def example_batch(model, rows: int, unknown_dim: int, make, map_structure):
+    """A generated batch of `model`'s input structure, `rows` rows.
+
+    Args:
+        model: a built Keras model.
+        rows: int. The batch's rows.
+        unknown_dim: int. The size given to every unknown dimension but the batch's.
+        make: callable ``make(shape, dtype) -> array``, `dtype` the input's own.
+        map_structure: the backend's ``map_structure(fn, structure)``.
+    """
+
+    def one(tensor):
+        shape = [rows] + [d if d is not None else unknown_dim for d in tensor.shape[1:]]
+        return make(shape, tensor.dtype)
+
+    return map_structure(one, input_structure(model))
+
+
+def host_array(shape, dtype: str) -> np.ndarray:
+    """Values for one generated input: uniform in [0, 1) as float32 for a float
+    `dtype` (the backend casts), zeros of `dtype` otherwise (indices, masks)."""
+    if "float" in dtype:
+        return np.random.default_rng(0).uniform(size=shape).astype("float32")
+    return np.zeros(shape, dtype=dtype)
+
+
+def samples_per_second(run: Callable[[], object], rows: int, repeats: int) -> float:
+    """`rows` divided by the median time of `repeats` calls of `run`, after a warm-up call.
+
+    `run` must return only when its work is finished (the backend waits for the device).
+    """
+    run()  # trace, compile and warm up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return rows / statistics.median(times)
 
 
 def measure_throughput(
@@ -18,11 +81,11 @@ def measure_throughput(
     *,
     backend: str | None = None,
 ) -> float:
-    """Refuses: `split="speed"` is measured on TensorFlow only for now."""
+    """Refuses: `split="speed"` has no measure on this backend."""
     backend = backend or backend_name()
     raise NotImplementedError(
-        f"split='speed' is measured on the TensorFlow backend only; the Keras "
-        f"backend here is {backend!r}. Pass explicit ratios instead."
+        f"split='speed' is measured on the TensorFlow, JAX and torch backends; the "
+        f"Keras backend here is {backend!r}. Pass explicit ratios instead."
     )
 
 

@@ -6,7 +6,14 @@ from keras_parallel._backend.common import devices as _common
 from keras_parallel._backend.common.devices import list_devices
 from keras_parallel._compat import keras
 
-__all__ = ["backend_device_name", "device_scope", "list_devices", "split_cpu"]
+__all__ = [
+    "backend_device_name",
+    "computed_rows",
+    "device_scope",
+    "list_devices",
+    "set_cpu_device_count",
+    "split_cpu",
+]
 
 _HINT = " On JAX, set XLA_FLAGS=--xla_force_host_platform_device_count=N before JAX starts instead."
 
@@ -29,3 +36,39 @@ def device_scope(name: str):
 def split_cpu(num_devices: int) -> list[str]:
     """Refuses: splitting the CPU into logical devices needs TensorFlow."""
     return _common.split_cpu(num_devices, backend="jax", hint=_HINT)
+
+
+def computed_rows(sizes: list[int]) -> list[int]:
+    """The rows each device computes for DataParallel slices of `sizes` rows.
+
+    On JAX every device computes as many rows as the largest slice: the slices
+    are padded to it, one block per device (`_backend/jax/replicas.py`).
+    """
+    return [max(sizes, default=0)] * len(sizes)
+
+
+def set_cpu_device_count(num_devices: int) -> list[str]:
+    """Makes JAX's CPU `num_devices` devices, before JAX starts; their canonical names.
+
+    JAX fixes its CPU devices when it starts (the first array, device list or
+    compiled function): this sets ``jax_num_cpu_devices`` before that, like
+    ``XLA_FLAGS=--xla_force_host_platform_device_count=N``. Once JAX has
+    started, only the number it started with is accepted.
+
+    Raises:
+        RuntimeError: when JAX has started with another number of CPU devices.
+    """
+    import jax
+
+    try:
+        jax.config.update("jax_num_cpu_devices", num_devices)
+    except (AttributeError, RuntimeError, ValueError):  # started, or no such option
+        started = len(jax.devices("cpu"))
+        if started != num_devices:
+            raise RuntimeError(
+                f"JAX's CPU cannot be made {num_devices} devices now: JAX has started, "
+                f"with {started} CPU device(s). Set XLA_FLAGS="
+                f"--xla_force_host_platform_device_count={num_devices} in the environment "
+                "before the program starts."
+            ) from None
+    return [f"/device:CPU:{i}" for i in range(num_devices)]

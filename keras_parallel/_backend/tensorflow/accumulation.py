@@ -23,18 +23,20 @@ allocator peak of a forward/backward pass). The policy (which micro-batch size,
 whether to retry a step that ran out of memory, and with what) is the caller's: the
 `run_batch` callable it passes in is called with the function and each fetched batch.
 
-The function serves one `fit` at a time: `install` puts it in `model.train_function`,
-`arm` (before each batch of that fit) lets it run one step, `uninstall` puts the
-model's own train function back. A call it was not armed for, or made after another
-`fit` began, comes from outside the fit that installed it (that fit raised before its
-`on_train_end`): the function uninstalls itself and hands the call to the model's own
-train function, so the model trains as plain Keras would.
+The function serves one `fit` at a time, with the life cycle every backend shares
+(`install`, `arm`, `uninstall`: `_backend/common/accumulation.TrainFunctionSwitch`).
 """
 
 from __future__ import annotations
 
 import tensorflow as tf
 
+from keras_parallel._backend.common import accumulation as _common
+from keras_parallel._backend.common.accumulation import (
+    TrainFunctionSwitch,
+    loss_tracker,
+    state_variables,
+)
 from keras_parallel._backend.common.devices import canonical_device_name
 from keras_parallel._backend.tensorflow.memory import memory_info, reset_memory_stats
 from keras_parallel._compat import IS_KERAS_3, keras
@@ -49,6 +51,15 @@ __all__ = [
 ]
 
 OUT_OF_MEMORY_ERRORS = (tf.errors.ResourceExhaustedError,)
+
+#: Whether asking the probe costs no device memory (the probe runs a forward/backward pass).
+PROBE_RUNS_NOTHING = False
+
+#: Why `make_probe` may give no figure.
+NO_PROBE_REASON = (
+    "TensorFlow has no allocator statistics there; on a CPU it needs "
+    "TF_CPU_ALLOCATOR_USE_BFC=true"
+)
 
 
 def check_supported() -> None:
@@ -88,68 +99,22 @@ def _loss_scaling(optimizer):
     return None, None
 
 
-def _loss_tracker(model):
-    """Keras 3's loss tracker (the "loss" Mean `train_step` updates); None in tf-keras."""
-    if not IS_KERAS_3:
-        return None  # tf-keras' compute_loss updates its loss metric itself.
-    for metric in model.metrics:
-        if metric.name == "loss":
-            return metric
-    return None
-
-
-def _state_variables(model):
-    """Variables a failed step may have changed: non-trainable (BN, seeds) and metrics."""
-    variables = list(model.non_trainable_variables)
-    for metric in model.metrics:
-        variables.extend(metric.variables)
-    counter = getattr(model, "_train_counter", None)  # tf-keras
-    if counter is not None:
-        variables.append(counter)
-    iterations = getattr(model.optimizer, "iterations", None)
-    if iterations is not None:  # a scalar: cheap insurance against a double count
-        variables.append(iterations)
-    unique, seen = [], set()
-    for variable in variables:
-        if id(variable) not in seen:
-            seen.add(id(variable))
-            unique.append(variable)
-    return unique
-
-
-class AccumulatingTrainFunction:
+class AccumulatingTrainFunction(TrainFunctionSwitch):
     """A `model.train_function` that accumulates micro-batch gradients within each batch.
 
-    Args:
-        model: the compiled Keras model.
-        run_batch: callable ``run_batch(function, data) -> logs``. Runs one fetched
-            batch `data` with this function's mechanisms (`step`, `snapshot_state`,
-            `restore_state`, `update_began`, `make_probe`) and returns the step's
-            logs: the policy of the caller (`GradientAccumulation`).
-        num_replicas: int. Devices the model itself splits each micro-batch over
-            (a keras_parallel DataParallel model): rows per micro step are
-            ``num_replicas * micro_batch_size``.
+    Arguments as `TrainFunctionSwitch`'s (`_backend/common/accumulation.py`).
     """
 
     def __init__(self, model, run_batch, num_replicas=1):
-        self.model = model
-        self._run_batch = run_batch
-        self.num_replicas = num_replicas
-        self.original = None  # the model's own train function, while installed
-        self._history = None  # model.history of the fit that installed this function
-        self._armed = False
+        super().__init__(model, run_batch, num_replicas)
         self.strategy = model.distribute_strategy
         self._scale_loss, self._unscale_gradients = _loss_scaling(model.optimizer)
-        self._tracker = _loss_tracker(model)
+        self._tracker = loss_tracker(model) if IS_KERAS_3 else None
         self._step = self._wrap(self._distributed_step)
         self._probe_step = None
-        optimizer = model.optimizer
         with self.strategy.scope():
-            if IS_KERAS_3 and not optimizer.built:
-                # Build the slots eagerly: built lazily inside a step that then runs
-                # out of memory, Keras 3 leaves them uninitialized (shape [0]) for the
-                # retry.
-                optimizer.build(model.trainable_variables)
+            if IS_KERAS_3:
+                self.build_optimizer()
             # Set once a step's gradients are complete and its update may begin: an
             # out-of-memory error after that point is not retried (part of the update
             # may be applied, and a retry would apply it twice).
@@ -159,43 +124,6 @@ class AccumulatingTrainFunction:
                 name="accumulation_updating",
                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
             )
-
-    # --------------------------------------------------------------- install / arm
-    def install(self, original) -> None:
-        """Becomes `model.train_function` for the `fit` now beginning; `original` is the model's."""
-        self.original = original
-        self._history = getattr(self.model, "history", None)
-        self._armed = False
-        self.model.train_function = self
-
-    def arm(self) -> None:
-        """Lets the next call run one accumulating step (called before each batch of the fit)."""
-        self._armed = True
-
-    def uninstall(self) -> None:
-        """Puts the model's own train function back, if this one is still installed."""
-        if self.model.train_function is self:
-            self.model.train_function = self.original
-        self.original = None
-        self._history = None
-        self._armed = False
-
-    def _another_fit_began(self) -> bool:
-        # Each fit gives the model a new History and starts it (`on_train_begin` sets
-        # `epoch`) before its first step. tf-keras' evaluate and predict also set a
-        # new History, which is never started: those calls, made by callbacks within
-        # the fit, are not a new fit.
-        history = getattr(self.model, "history", None)
-        return history is not self._history and hasattr(history, "epoch")
-
-    def _call_own_train_function(self, iterator):
-        """Uninstalls this function and runs the model's own train function instead."""
-        self.uninstall()
-        train_function = self.model.train_function
-        if train_function is None:
-            self.model.make_train_function()
-            train_function = self.model.train_function
-        return train_function(iterator)
 
     def _wrap(self, function):
         if self.model.run_eagerly:
@@ -349,7 +277,7 @@ class AccumulatingTrainFunction:
 
     # ------------------------------------------------------------ state save/restore
     def snapshot_state(self):
-        variables = _state_variables(self.model)
+        variables = state_variables(self.model)
         return variables, [tf.identity(v) for v in variables]
 
     def restore_state(self, saved):
@@ -369,11 +297,10 @@ class AccumulatingTrainFunction:
 
     # ------------------------------------------------------------------- the call
     def __call__(self, iterator):
-        armed, self._armed = self._armed, False
-        if not armed or self._another_fit_began():
+        if not self.armed_for_this_fit():
             # Not called by the fit that installed this function: that fit raised
             # before its on_train_end. Train as the model would without it.
-            return self._call_own_train_function(iterator)
+            return self.call_own_train_function(iterator)
         data = _drop_optionals(next(iterator))
         return self._run_batch(self, data)
 
@@ -396,11 +323,7 @@ class AccumulatingTrainFunction:
 
 def own_train_function(model):
     """`model.train_function`, with an accumulating one left by a `fit` that raised taken off."""
-    function = model.train_function
-    if isinstance(function, AccumulatingTrainFunction):
-        function.uninstall()
-        function = model.train_function
-    return function
+    return _common.own_train_function(model, AccumulatingTrainFunction)
 
 
 def measured_device(strategy) -> str:

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-__all__ = ["device_scope", "list_devices", "list_logical_devices", "split_cpu"]
+from keras_parallel._backend.common.devices import computed_rows
+
+__all__ = [
+    "computed_rows",
+    "device_scope",
+    "list_devices",
+    "list_logical_devices",
+    "split_cpu",
+]
 
 
 def list_logical_devices(device_type: str | None = None) -> list[str]:

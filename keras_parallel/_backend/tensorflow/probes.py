@@ -3,29 +3,27 @@
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable
 
 import numpy as np
 import tensorflow as tf
 
-from keras_parallel._backend.common.models import input_structure
+from keras_parallel._backend.common.probes import PEAK_NOTE, example_batch, samples_per_second
 from keras_parallel._backend.tensorflow.memory import _short
 
-__all__ = ["measure_peak_bytes", "measure_throughput", "peak_probe"]
+__all__ = ["PEAK_NOTE", "measure_peak_bytes", "measure_throughput", "peak_probe"]
 
 
 def _example_batch(model, batch_size: int, unknown_dim: int):
     """A generated batch of the model's input shapes (unknown dims: `unknown_dim`)."""
 
-    def make(tensor):
-        shape = [batch_size] + [d if d is not None else unknown_dim for d in tensor.shape[1:]]
-        dtype = tf.as_dtype(tensor.dtype)
+    def make(shape, dtype):
+        dtype = tf.as_dtype(dtype)
         if dtype.is_floating:
             return tf.random.stateless_uniform(shape, seed=[1, 2], dtype=dtype)
         return tf.zeros(shape, dtype=dtype)
 
-    return tf.nest.map_structure(make, input_structure(model))
+    return example_batch(model, batch_size, unknown_dim, make, tf.nest.map_structure)
 
 
 def _forward_backward(model, inputs):
@@ -66,13 +64,7 @@ def measure_throughput(
             if result:  # make sure the work is finished before the clock stops
                 np.asarray(result[0])
 
-        run()  # trace and warm up
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - start)
-    return batch_size / float(np.median(times))
+        return samples_per_second(run, batch_size, repeats)
 
 
 def measure_peak_bytes(model, device: str, rows: int, unknown_dim: int = 8) -> int | None:

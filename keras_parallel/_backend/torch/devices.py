@@ -10,9 +10,16 @@ from __future__ import annotations
 import torch
 
 from keras_parallel._backend.common import devices as _common
+from keras_parallel._backend.common.devices import computed_rows
 from keras_parallel._compat import keras
 
-__all__ = ["backend_device_name", "device_scope", "list_devices", "split_cpu"]
+__all__ = [
+    "backend_device_name",
+    "computed_rows",
+    "device_scope",
+    "list_devices",
+    "split_cpu",
+]
 
 
 def list_devices(device_type: str | None = None) -> list[str]:

@@ -1,0 +1,279 @@
+"""GradientAccumulation on every backend: the update plain `fit` makes on the whole batch.
+
+Backend-neutral (runs in every flavour of `tests/run_flavours.py`; imports no
+TensorFlow, JAX or torch of its own at module level). The TensorFlow-specific
+mechanics (the traced loop, allocator probes, strategies) are in
+test_gradient_accumulation.py; this file holds what a user of any backend relies
+on: equality with plain training (optimizers, schedules, clipping, weights,
+mixed precision, DataParallel), the logs, `"auto"` planning, the out-of-memory
+retry where the backend can recover (torch), and a fit that raises.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+from helpers import assert_weights_close
+from test_backends import _parallel
+
+from keras_parallel._compat import IS_KERAS_3, backend_name, keras
+from keras_parallel.callbacks import GradientAccumulation
+
+N_SAMPLES = 38  # batch 16: batches of 16, 16 and a partial 6
+RNG = np.random.default_rng(0)
+X = RNG.normal(size=(N_SAMPLES, 5)).astype("float32")
+Y = RNG.integers(0, 3, size=(N_SAMPLES,))
+SW = RNG.uniform(0.2, 3.0, size=(N_SAMPLES,)).astype("float32")
+
+
+def _model(seed=0, batch_norm=False, extra=None, width=8):
+    keras.utils.set_random_seed(seed)
+    layers = [keras.Input((5,))]
+    if extra is not None:
+        layers.append(extra)
+    layers.append(
+        keras.layers.Dense(width, activation="tanh", kernel_regularizer=keras.regularizers.l2(0.01))
+    )
+    if batch_norm:
+        layers.append(keras.layers.BatchNormalization())
+    layers.append(keras.layers.Dense(3))
+    return keras.Sequential(layers)
+
+
+def _optimizer(name):
+    opt = keras.optimizers
+    schedule = opt.schedules.ExponentialDecay(0.05, decay_steps=2, decay_rate=0.5)
+    return {
+        "sgd": lambda: opt.SGD(0.1),
+        "adam_schedule": lambda: opt.Adam(schedule),
+        "adamw_clipnorm": lambda: opt.AdamW(0.01, weight_decay=0.1, clipnorm=0.05),
+    }[name]()
+
+
+def _train(model, optimizer, callbacks, batch_size=16, epochs=2, sample_weight=True):
+    model.compile(
+        optimizer,
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["sparse_categorical_accuracy"],
+    )
+    history = model.fit(
+        X,
+        Y,
+        sample_weight=SW if sample_weight else None,
+        batch_size=batch_size,
+        epochs=epochs,
+        shuffle=False,
+        verbose=0,
+        callbacks=callbacks,
+    )
+    return history.history
+
+
+def _iterations(model):
+    return int(np.asarray(model.optimizer.iterations.numpy()))
+
+
+@pytest.mark.parametrize(
+    "name, micro",
+    [("sgd", 1), ("sgd", 16), ("adam_schedule", 5), ("adamw_clipnorm", 1), ("adamw_clipnorm", 5)],
+)
+def test_updates_and_logs_equal_plain_fit_on_the_whole_batch(name, micro):
+    plain = _model()
+    expected_logs = _train(plain, _optimizer(name), [])
+    accumulated = _model()
+    logs = _train(accumulated, _optimizer(name), [GradientAccumulation(micro)])
+
+    assert_weights_close(accumulated.get_weights(), plain.get_weights())
+    assert _iterations(accumulated) == _iterations(plain) == 6  # one update per batch
+    for key in ("loss", "sparse_categorical_accuracy"):
+        np.testing.assert_allclose(logs[key], expected_logs[key], rtol=1e-5)
+    assert logs["micro_batch_size"] == [micro, micro]
+
+
+@pytest.mark.skipif(not IS_KERAS_3, reason="Keras 3's dtype policies and loss scaling")
+def test_mixed_precision_with_loss_scaling_equals_plain_fit():
+    keras.mixed_precision.set_dtype_policy("mixed_float16")
+    try:
+        plain = _model()
+        _train(plain, keras.optimizers.SGD(0.1), [], sample_weight=False)
+        accumulated = _model()
+        _train(
+            accumulated, keras.optimizers.SGD(0.1), [GradientAccumulation(4)], sample_weight=False
+        )
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+    assert type(plain.optimizer).__name__ == "LossScaleOptimizer"
+    # float16 activations: the sums of 4 micro-batches round differently from the
+    # sum over the batch, at float16's resolution (~1e-3 relative).
+    assert_weights_close(accumulated.get_weights(), plain.get_weights(), rtol=2e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("count, split", [(2, None), (3, [3, 1, 1])])
+def test_data_parallel_with_accumulation_equals_the_plain_template(count, split):
+    plain = _model()
+    initial = plain.get_weights()
+    _train(plain, keras.optimizers.SGD(0.1), [])
+
+    template = _model()
+    template.set_weights(initial)
+    parallel = _parallel(template, count, split)
+    logs = _train(parallel, keras.optimizers.SGD(0.1), [GradientAccumulation(2)])
+    assert_weights_close(template.get_weights(), plain.get_weights())
+    assert logs["micro_batch_size"] == [2, 2]
+
+
+def test_auto_on_a_cpu_without_a_budget_keeps_the_batch_whole():
+    model = _model()
+    callback = GradientAccumulation("auto")
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        _train(model, keras.optimizers.SGD(0.1), [callback], epochs=1)
+    assert callback.micro_batch_size_ == 16
+
+
+def test_auto_plans_from_a_probe_and_budget_and_trains_like_plain_fit():
+    # peak = 1000 + 100 * rows: a budget of 1500 bytes at margin 1.0 allows 5 rows.
+    asked = []
+
+    def probe(size):
+        asked.append(size)
+        return 1000 + 100 * size
+
+    plain = _model()
+    _train(plain, keras.optimizers.SGD(0.1), [])
+    model = _model()
+    callback = GradientAccumulation(
+        "auto", memory_budget=1500, memory_margin=1.0, memory_probe=probe
+    )
+    logs = _train(model, keras.optimizers.SGD(0.1), [callback])
+    assert callback.micro_batch_size_ == 5
+    assert logs["micro_batch_size"] == [5, 5]
+    assert asked, "the probe was never asked"
+    assert_weights_close(model.get_weights(), plain.get_weights())
+
+
+@pytest.mark.skipif(backend_name() != "jax", reason="XLA's memory analysis of the step: JAX")
+def test_jax_auto_plans_from_the_compiled_step_without_running_out():
+    from keras_parallel import _backend
+
+    # 512 activations a row: memory grows with the rows well above XLA's
+    # layout noise at a few rows (a few hundred bytes).
+
+    model = _model(width=512)
+    _train(model, keras.optimizers.SGD(0.1), [], epochs=1)  # builds the state
+    function = _backend.accumulation.AccumulatingTrainFunction(model, None)
+    function._state = tuple(  # the state `fit` hands a train function
+        [v.value for v in variables]
+        for variables in (
+            model.trainable_variables,
+            model.non_trainable_variables,
+            model.optimizer.variables,
+            model.metrics_variables,
+        )
+    )
+    probe = function.make_probe((X[:16], Y[:16], SW[:16]))  # a batch as fit gives it
+    small, large = probe(2), probe(64)
+    assert 0 < small < large
+
+    # A budget that one micro-batch of 6 rows fills: "auto" picks one that fits it.
+    budget = probe(6)
+    plain = _model(width=512)
+    _train(plain, keras.optimizers.SGD(0.1), [])
+    accumulated = _model(width=512)
+    callback = GradientAccumulation("auto", memory_budget=budget, memory_margin=1.0)
+    _train(accumulated, keras.optimizers.SGD(0.1), [callback])
+    assert 1 <= callback.micro_batch_size_ < 16
+    assert probe(callback.micro_batch_size_) <= budget
+    assert_weights_close(accumulated.get_weights(), plain.get_weights())
+
+
+@pytest.mark.skipif(backend_name() != "torch", reason="torch's out-of-memory error")
+def test_torch_out_of_memory_is_recovered_with_nothing_lost_or_applied_twice():
+    import torch
+
+    class OutOfMemoryAbove(keras.layers.Layer):
+        """Identity that raises torch's real out-of-memory error above `limit` rows."""
+
+        def __init__(self, limit, **kwargs):
+            super().__init__(**kwargs)
+            self.limit = limit
+
+        def call(self, x):
+            if x.device.type != "meta" and x.shape[0] > self.limit:  # not Keras's shape pass
+                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+            return x
+
+    plain = _model()
+    _train(plain, keras.optimizers.Adam(0.01), [])
+    model = _model(extra=OutOfMemoryAbove(limit=6))
+    # The probe says everything fits: the first step runs the whole batch and fails.
+    callback = GradientAccumulation("auto", memory_budget=10**9, memory_probe=lambda size: size)
+    with pytest.warns(UserWarning, match="out of memory with micro-batches of 16"):
+        logs = _train(model, keras.optimizers.Adam(0.01), [callback])
+    assert callback.micro_batch_size_ == 4  # 16 -> 8 -> 4
+    assert logs["micro_batch_size"] == [4, 4]
+    assert _iterations(model) == 6
+    assert_weights_close(model.get_weights(), plain.get_weights())
+
+
+def test_a_fixed_micro_batch_that_runs_out_of_memory_is_raised_and_nothing_applied():
+    if backend_name() != "torch":
+        pytest.skip("an injected out-of-memory error that the backend raises eagerly: torch")
+    import torch
+
+    class Fails(keras.layers.Layer):
+        def call(self, x):
+            if x.device.type != "meta":  # not Keras's shape pass
+                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+            return x
+
+    model = _model(extra=Fails())
+    before = model.get_weights()
+    with pytest.raises(torch.OutOfMemoryError):
+        _train(model, keras.optimizers.SGD(0.1), [GradientAccumulation(4)])
+    assert_weights_close(model.get_weights(), before, rtol=0, atol=0)
+
+
+def test_a_fit_that_raises_leaves_the_model_training_plainly():
+    class Stop(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            raise KeyboardInterrupt
+
+    model = _model()
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    with pytest.raises(KeyboardInterrupt):
+        model.fit(
+            X,
+            np.zeros((N_SAMPLES, 3), "float32"),
+            batch_size=16,
+            verbose=0,
+            callbacks=[GradientAccumulation(4), Stop()],
+        )
+    before = _iterations(model)
+    history = model.fit(X, np.zeros((N_SAMPLES, 3), "float32"), batch_size=16, verbose=0)
+    assert type(model.train_function).__name__ != "AccumulatingTrainFunction"
+    assert "micro_batch_size" not in history.history
+    assert _iterations(model) == before + 3  # whole batches, one update each
+
+
+def test_batch_normalization_is_warned_about_once():
+    model = _model(batch_norm=True)
+    with pytest.warns(UserWarning, match="BatchNormalization") as caught:
+        _train(model, keras.optimizers.SGD(0.1), [GradientAccumulation(4)])
+    assert sum("BatchNormalization" in str(w.message) for w in caught) == 1
+
+
+def test_an_optimizer_that_accumulates_itself_is_refused_before_training():
+    if not IS_KERAS_3:
+        pytest.skip("Keras 3's gradient_accumulation_steps")
+    model = _model()
+    before = model.get_weights()
+    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
+        _train(
+            model,
+            keras.optimizers.SGD(0.1, gradient_accumulation_steps=2),
+            [GradientAccumulation(4)],
+        )
+    assert_weights_close(model.get_weights(), before, rtol=0, atol=0)

@@ -1,0 +1,170 @@
+"""The probes on every backend: `split="speed"`, `plan`'s peaks and rows, `--cpus`.
+
+Backend-neutral: this file imports no TensorFlow, JAX or torch of its own and
+runs in every flavour of the suite. Several devices: TensorFlow's logical CPUs
+or JAX's host devices (set up by conftest); torch has one CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import keras_parallel
+from keras_parallel import _backend
+from keras_parallel._compat import backend_name, keras
+from keras_parallel.devices import list_devices
+from keras_parallel.probes import DeviceProbe
+
+ROOT = Path(__file__).resolve().parent.parent
+MIB = 2**20
+BACKEND = backend_name()
+CPU0 = "/device:CPU:0"
+
+
+def model(seed=0):
+    """Dense, BatchNormalization (state) and Dropout (a seed): what a probe must not change."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((24,))
+    x = keras.layers.Dense(64, activation="relu")(inputs)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.Dropout(0.5)(x)
+    return keras.Model(inputs, keras.layers.Dense(3)(x))
+
+
+def values(m):
+    return [np.array(v.numpy()) for v in m.variables]
+
+
+def two_cpus():
+    cpus = list_devices("CPU")
+    if len(cpus) < 2:
+        pytest.skip(f"needs 2 CPU devices, found {cpus} (torch has one)")
+    return cpus[:2]
+
+
+def test_throughput_is_positive_and_leaves_the_model_unchanged():
+    m = model()
+    before = values(m)
+    speed = DeviceProbe(speed_batch_size=8, speed_repeats=2).throughput(m, CPU0)
+    assert speed > 0
+    for a, b in zip(before, values(m), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_split_speed_gives_a_ratio_per_device():
+    devices = list_devices("CPU")[:2]
+    ratios, figures = keras_parallel.probes.split_ratios(
+        "speed", devices, model(), DeviceProbe(speed_batch_size=8, speed_repeats=1)
+    )
+    assert len(ratios) == len(devices) and min(ratios) == 1.0
+    assert all(figures[d] > 0 for d in devices)
+
+
+def test_plan_shows_peaks_where_the_backend_measures_them():
+    m = model()
+    result = keras_parallel.plan(m, 32, devices=[CPU0])
+    if BACKEND == "jax":  # XLA's compiled estimate: known on the CPU too
+        probe = _backend.probes.peak_probe(m, CPU0)
+        assert 0 < probe(8) < probe(512)
+        assert result.peak_bytes[0] > 0
+        assert any("XLA's compiled estimate" in note for note in result.notes)
+    else:
+        if os.environ.get("TF_CPU_ALLOCATOR_USE_BFC", "").lower() == "true":
+            pytest.skip("TensorFlow's CPU allocator keeps statistics here")
+        probe = _backend.probes.peak_probe(m, CPU0)
+        assert probe is None or not probe(8)  # no allocator statistics on the CPU (or zeros)
+        assert result.peak_bytes == [None] and result.fits is None
+        assert "no allocator statistics here: expected peaks unknown" in result.notes
+
+
+def test_plan_shows_the_rows_each_device_computes():
+    devices = two_cpus()
+    result = keras_parallel.plan(
+        model(), 32, devices=devices, split=[2, 1], memory_probe=lambda rows: (10 + rows) * MIB
+    )
+    assert result.rows_per_device == [22, 10]
+    table = [line.split() for line in str(result).splitlines() if line.startswith("/device:")]
+    if BACKEND == "jax":  # the smaller slice is padded to the larger one
+        assert result.rows_computed == [22, 22]
+        assert [round(p / MIB) for p in result.peak_bytes] == [32, 32]
+        assert [row[2:4] for row in table] == [["22", "22"], ["10", "22"]]
+        assert any("as many rows as the largest slice" in note for note in result.notes)
+    else:
+        assert result.rows_computed == [22, 10]
+        assert [round(p / MIB) for p in result.peak_bytes] == [32, 20]
+        assert [row[2:4] for row in table] == [["22", "32"], ["10", "20"]]
+        assert "computes" not in str(result)
+
+
+class Limits(DeviceProbe):
+    def __init__(self, limits):
+        super().__init__()
+        self.limits = limits
+
+    def memory_limit(self, device):
+        return self.limits[device]
+
+
+def test_auto_sizes_the_micro_batch_by_the_rows_computed():
+    devices = two_cpus()
+    # 0.8 * limit = 40 + 20 * rows: device 0 holds 46 rows, device 1 only 10.
+    limits = Limits({devices[0]: 1200 * MIB, devices[1]: 300 * MIB})
+    result = keras_parallel.plan(
+        model(),
+        32,
+        devices=devices,
+        split=[2, 1],
+        micro_batch_size="auto",
+        memory_probe=lambda rows: (40 + 20 * rows) * MIB,
+        probe=limits,
+    )
+    assert result.fits is True
+    if BACKEND == "jax":  # device 1 computes device 0's rows: at most 10 each
+        assert result.micro_batch_size == 7 and result.rows_computed == [10, 10]
+        assert result.accumulation_steps == 3
+    else:
+        assert result.micro_batch_size == 16 and result.rows_computed == [22, 10]
+        assert result.accumulation_steps == 1
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="JAX's host devices")
+def test_jax_cpu_devices_cannot_change_once_started():
+    started = len(list_devices("CPU"))
+    assert _backend.devices.set_cpu_device_count(started) == list_devices("CPU")
+    with pytest.raises(RuntimeError, match=r"XLA_FLAGS=--xla_force_host_platform_device_count=2"):
+        _backend.devices.set_cpu_device_count(started + 1 if started == 1 else 2)
+
+
+def run_cli(*args):
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return subprocess.run(
+        [sys.executable, "-m", "keras_parallel_cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+
+
+def test_cli_plans_a_speed_split_on_this_backend(tmp_path):
+    path = str(tmp_path / "model.keras")
+    model().save(path)
+    if BACKEND == "torch":  # one CPU device: --cpus refuses, the plan runs on it
+        refused = run_cli("devices", "--cpus", "2")
+        assert refused.returncode == 2 and "torch has one CPU device" in refused.stderr
+        devices, cpus = ["/cpu:0"], []
+    else:
+        devices, cpus = ["/cpu:0", "/cpu:1"], ["--cpus", "2"]
+    result = run_cli(
+        "plan", path, "--batch-size", "16", "--split", "speed", *cpus, "--devices", *devices
+    )
+    assert result.returncode == 0, result.stderr
+    table = [line for line in result.stdout.splitlines() if line.startswith("/device:CPU:")]
+    assert len(table) == len(devices)

@@ -1,0 +1,187 @@
+"""The documentation site stays true to the code (`mkdocs build --strict` checks links).
+
+- docs/troubleshooting.md has an entry for every error and warning in the source;
+- the getting-started page's plan is what tools/getting_started.py prints today;
+- every public name has an API reference entry, and an example in its docstring;
+- the command line's help page covers every subcommand;
+- the benchmark plots' tables are still in docs/benchmarks.md.
+
+Collected on the TensorFlow flavours only (not in conftest's BACKEND_NEUTRAL).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+
+import benchmark_plots  # noqa: E402
+import messages  # noqa: E402
+import mkdocs_hooks  # noqa: E402
+
+import keras_parallel  # noqa: E402
+from keras_parallel import callbacks, probes  # noqa: E402
+
+DOCS = ROOT / "docs"
+LEGACY = os.environ.get("TF_USE_LEGACY_KERAS", "").strip().lower() in ("1", "true")
+
+#: Public names whose docstring has no "Example:" section yet. Remove a name once
+#: its docstring has one (the last test below fails until you do).
+LACKING_EXAMPLES = {
+    "keras_parallel.ParallelReplicas",
+    "keras_parallel.Plan",
+    "keras_parallel.custom_objects",
+    "keras_parallel.plan",
+    "keras_parallel.replicas",
+    "keras_parallel.slice_sizes",
+    "keras_parallel.unwrap",
+    "keras_parallel.probes.DeviceProbe",
+}
+
+
+def public_names() -> dict[str, object]:
+    """Every public name a user imports: keras_parallel.__all__, callbacks, DeviceProbe."""
+    names = {
+        f"keras_parallel.{n}": getattr(keras_parallel, n)
+        for n in keras_parallel.__all__
+        if n not in ("__version__", "callbacks")
+    }
+    for name in callbacks.__all__:
+        names[f"keras_parallel.callbacks.{name}"] = getattr(callbacks, name)
+    names["keras_parallel.probes.DeviceProbe"] = probes.DeviceProbe
+    return names
+
+
+def reference_paths() -> set[str]:
+    """The objects docs/reference/*.md renders (`::: path` lines)."""
+    paths = set()
+    for page in (DOCS / "reference").glob("*.md"):
+        paths |= set(re.findall(r"^::: ([\w.]+)\s*$", page.read_text(), flags=re.M))
+    return paths
+
+
+# -- troubleshooting -----------------------------------------------------------
+
+
+def test_message_scan_reads_raises_warnings_and_argument_checks():
+    found = {m.phrase for m in messages.messages()}
+    # A raise, a warn(...), an _invalid(...) argument check and a command-line error.
+    assert "Each device may appear once. Received" in found
+    assert "the model runs unsliced on it. The same script uses" in found
+    assert "a number in (0, 1] or None" in found
+    assert "no such file" in found
+    assert len(found) > 40
+
+
+def test_a_message_without_an_entry_is_reported():
+    lacking = messages.missing(page_text="nothing here")
+    assert {m.phrase for m in lacking} == {m.phrase for m in messages.messages()}
+
+
+def test_every_error_and_warning_has_a_troubleshooting_entry():
+    lacking = messages.missing()
+    assert not lacking, (
+        f"{len(lacking)} error/warning message(s) have no entry in docs/troubleshooting.md. "
+        "Add an entry (the message quoted in a ```text block, its cause and its fix) "
+        "containing the phrase shown:\n" + "\n".join(messages.describe(m) for m in lacking)
+    )
+
+
+# -- getting started -----------------------------------------------------------
+
+
+@pytest.mark.skipif(LEGACY, reason="the script runs Keras 3 in its own process: once is enough")
+def test_getting_started_plan_is_what_the_script_prints():
+    committed = (DOCS / "generated" / "getting-started" / "plan.txt").read_text()
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "getting_started.py"), "--plan-only"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout == committed, (
+        "docs/generated/getting-started/plan.txt is not what tools/getting_started.py "
+        "prints now: rerun `python tools/getting_started.py` and commit what it writes.\n"
+        f"printed:\n{result.stdout}\ncommitted:\n{committed}"
+    )
+
+
+def test_getting_started_page_includes_sections_that_exist():
+    page = (DOCS / "getting-started.md").read_text()
+    script = (ROOT / "tools" / "getting_started.py").read_text()
+    sections = re.findall(r'--8<-- "tools/getting_started.py:(\w+)"', page)
+    assert {"model", "data", "parallel", "plan", "fit"} <= set(sections)
+    for name in sections:
+        assert f"# --8<-- [start:{name}]" in script and f"# --8<-- [end:{name}]" in script, name
+    for name in re.findall(r'--8<-- "docs/generated/getting-started/([\w.]+)"', page):
+        assert (DOCS / "generated" / "getting-started" / name).exists(), name
+
+
+# -- API reference -------------------------------------------------------------
+
+
+def test_every_public_name_has_a_reference_entry():
+    rendered = reference_paths()
+    missing = []
+    for name, obj in public_names().items():
+        if isinstance(obj, str):  # a constant: documented where it is defined
+            path = name
+        else:
+            path = f"{obj.__module__}.{obj.__qualname__}"
+        if path not in rendered:
+            missing.append(f"{name} (add `::: {path}` to a page under docs/reference/)")
+    assert not missing, "public names without an API reference entry:\n" + "\n".join(missing)
+
+
+def test_public_names_have_examples_or_are_listed_as_lacking():
+    without = {
+        name
+        for name, obj in public_names().items()
+        if not isinstance(obj, str) and "Example" not in (inspect.getdoc(obj) or "")
+    }
+    assert without <= LACKING_EXAMPLES, (
+        "public names without an `Example:` section in their docstring: "
+        f"{sorted(without - LACKING_EXAMPLES)}"
+    )
+    assert LACKING_EXAMPLES <= without, (
+        "these now have an example: remove them from LACKING_EXAMPLES in tests/test_docs.py: "
+        f"{sorted(LACKING_EXAMPLES - without)}"
+    )
+
+
+def test_cli_page_has_the_help_of_every_subcommand():
+    import keras_parallel_cli
+
+    text = mkdocs_hooks.cli_help_markdown()
+    commands = mkdocs_hooks.subcommands(keras_parallel_cli.build_parser())
+    assert {"devices", "plan", "demo"} <= set(commands)
+    assert "usage: keras-parallel [-h]" in text
+    for command in commands:
+        assert f"## `keras-parallel {command}`" in text
+        assert f"usage: keras-parallel {command}" in text
+    assert "--batch-size" in text and "--micro-batch-size" in text
+    assert mkdocs_hooks.MARKER in (DOCS / "reference" / "cli.md").read_text()
+
+
+# -- benchmarks ----------------------------------------------------------------
+
+
+def test_benchmark_plot_tables_are_on_the_page():
+    text = (DOCS / "benchmarks.md").read_text()
+    figures = benchmark_plots.figures(text)
+    assert {r["config"] for r in figures["data_parallel"]} == {"a", "b", "c"}
+    assert all(len(r["repeats"]) > 1 for r in figures["data_parallel"])
+    assert len(figures["accumulation_memory"]) == 2
+    assert all(value > 0 for _, value in figures["xla"])
+    for image in re.findall(r"\]\((img/bench_[\w]+\.png)\)", text):
+        assert (DOCS / image).exists(), image
