@@ -329,6 +329,17 @@ def replicas(model) -> ParallelReplicas:
 
     Raises:
         ValueError: if `model` was not made by `DataParallel`.
+
+    Example:
+
+    ```python
+    import keras_parallel
+
+    parallel = keras_parallel.DataParallel(model)
+    core = keras_parallel.replicas(parallel)
+    core.placement, core.ratios  # (['/device:GPU:0', '/device:GPU:1'], [1.0, 1.0]) on two GPUs
+    core.slice_sizes(32)  # [16, 16] on two GPUs
+    ```
     """
     for layer in getattr(model, "layers", []):
         if isinstance(layer, ParallelReplicas):
@@ -345,6 +356,17 @@ def unwrap(model):
     The template holds the trained weights (they are the same variables), so
     `unwrap(parallel).save("model.keras")` saves a single-device model that
     loads anywhere without keras_parallel.
+
+    Example:
+
+    ```python
+    import keras_parallel
+
+    parallel = keras_parallel.DataParallel(model)
+    keras_parallel.unwrap(parallel) is model  # True: the same layers and variables
+    keras_parallel.unwrap(model) is model  # True: any other model comes back as it is
+    keras_parallel.unwrap(parallel).save("model.keras")  # a single-device model
+    ```
     """
     for layer in getattr(model, "layers", []):
         if isinstance(layer, ParallelReplicas):
@@ -366,6 +388,19 @@ def custom_objects() -> dict:
     They are also registered (package "keras_parallel"), so loading works
     without it; pass it where registration is not enough (an older file, a
     custom loader).
+
+    Example:
+
+    ```python
+    import keras
+    import keras_parallel
+
+    parallel = keras_parallel.DataParallel(model)
+    parallel.save("parallel.keras")
+    restored = keras.models.load_model(
+        "parallel.keras", custom_objects=keras_parallel.custom_objects()
+    )
+    ```
     """
     objects = {
         "BatchSlice": BatchSlice,

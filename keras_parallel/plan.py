@@ -47,6 +47,18 @@ class Plan:
             ``margin * limit``; None when figures are missing (a CPU).
         margin: float. Share of each limit the plan may use.
         notes: list of str. How the figures were obtained.
+
+    Example:
+
+    ```python
+    import json
+    import keras_parallel
+
+    plan = keras_parallel.plan(model, batch_size=32, micro_batch_size=8)
+    plan.accumulation_steps, plan.rows_per_device  # (2, [8, 8]) on two GPUs
+    plan.fits  # None where memory figures are missing (a CPU)
+    json.dumps(plan.to_dict())  # the same figures, for a log
+    ```
     """
 
     batch_size: int
@@ -157,6 +169,17 @@ def plan(
             `micro_batch_size`, `memory_budget` that is not a positive number,
             `memory_margin` outside (0, 1] (a bool included), a `memory_probe`
             that cannot be called, or arguments `DataParallel` would refuse.
+
+    Example:
+
+    ```python
+    import keras_parallel
+
+    parallel = keras_parallel.DataParallel(model)
+    plan = keras_parallel.plan(parallel, batch_size=32, micro_batch_size="auto")
+    print(plan)  # rows, expected peak and limit per device, and whether it fits
+    accumulation = keras_parallel.callbacks.GradientAccumulation(plan.micro_batch_size)
+    ```
     """
     batch_size = _validation.validate_positive_int(batch_size, "batch_size")
     micro_batch_size = _validation.validate_micro_batch_size(micro_batch_size, allow_none=True)

@@ -26,6 +26,20 @@ class DeviceProbe:
 
     Raises:
         ValueError: if `speed_batch_size` or `speed_repeats` is not a positive int.
+
+    Example:
+
+    ```python
+    import keras_parallel
+    from keras_parallel.probes import DeviceProbe
+
+    class KnownMemory(DeviceProbe):  # usable bytes per device, measured elsewhere
+        def memory_limit(self, device):
+            return {"/device:GPU:0": 12 * 2**30, "/device:GPU:1": 6 * 2**30}.get(device)
+
+    parallel = keras_parallel.DataParallel(model, split="memory", probe=KnownMemory())
+    keras_parallel.replicas(parallel).ratios  # [2.0, 1.0] on those two GPUs
+    ```
     """
 
     speed_batch_size: int = 4

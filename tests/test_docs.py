@@ -35,16 +35,7 @@ LEGACY = os.environ.get("TF_USE_LEGACY_KERAS", "").strip().lower() in ("1", "tru
 
 #: Public names whose docstring has no "Example:" section yet. Remove a name once
 #: its docstring has one (the last test below fails until you do).
-LACKING_EXAMPLES = {
-    "keras_parallel.ParallelReplicas",
-    "keras_parallel.Plan",
-    "keras_parallel.custom_objects",
-    "keras_parallel.plan",
-    "keras_parallel.replicas",
-    "keras_parallel.slice_sizes",
-    "keras_parallel.unwrap",
-    "keras_parallel.probes.DeviceProbe",
-}
+LACKING_EXAMPLES: set[str] = set()
 
 
 def public_names() -> dict[str, object]:

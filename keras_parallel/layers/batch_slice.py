@@ -54,7 +54,18 @@ def slice_boundaries(batch_size: int, ratios: Sequence[float]) -> list[int]:
 
 
 def slice_sizes(batch_size: int, ratios: Sequence[float]) -> list[int]:
-    """Sizes of the slices of a batch of `batch_size` rows; see `slice_boundaries`."""
+    """Sizes of the slices of a batch of `batch_size` rows; see `slice_boundaries`.
+
+    Example:
+
+    ```python
+    import keras_parallel
+
+    keras_parallel.slice_sizes(7, [1, 1, 1, 1])  # [2, 2, 2, 1]
+    keras_parallel.slice_sizes(32, [12, 6])  # [22, 10]
+    keras_parallel.slice_sizes(2, [1, 1, 1])  # [1, 1, 0]: the last slice is empty
+    ```
+    """
     bounds = slice_boundaries(batch_size, ratios)
     return [stop - start for start, stop in zip(bounds[:-1], bounds[1:], strict=True)]
 

@@ -94,6 +94,18 @@ class ParallelReplicas(keras.layers.Wrapper):
     Call arguments:
         inputs: the wrapped model's inputs (tensor, list or dict).
         training: bool or None, passed on to the wrapped model.
+
+    Example:
+
+    ```python
+    import keras
+    import keras_parallel
+
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(2)])
+    core = keras_parallel.ParallelReplicas(model, devices=["/gpu:0", "/gpu:1"], ratios=[3, 1])
+    core.slice_sizes(8)  # [6, 2]
+    core(keras.ops.ones((8, 8))).shape  # (8, 2): rows 0-5 computed on /gpu:0, 6-7 on /gpu:1
+    ```
     """
 
     def __init__(

@@ -99,7 +99,10 @@ class AccumulatingTrainFunction(TrainFunctionSwitch):
 
     # ---------------------------------------------------------------- the steps
     def _micro_step(self, accumulated, trainable, non_trainable, metrics, optimizer, data, share):
-        """Forward and backward on one micro-batch; adds ``share * gradients`` to `accumulated`."""
+        """Forward and backward on one micro-batch: adds ``share * (gradients, loss)``.
+
+        `accumulated` is ``(gradients, loss)`` so far, or None for the first micro-batch.
+        """
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         grad_fn = jax.value_and_grad(self.model.compute_loss_and_updates, has_aux=True)
         (_, aux), grads = grad_fn(
@@ -114,14 +117,20 @@ class AccumulatingTrainFunction(TrainFunctionSwitch):
         )
         unscaled_loss, y_pred, non_trainable, metrics = aux
         grads = [g * share.astype(g.dtype) for g in grads]
-        if accumulated is not None:
-            grads = [a + g for a, g in zip(accumulated, grads, strict=True)]
         loss = unscaled_loss * share.astype(unscaled_loss.dtype)
-        return grads, loss, y_pred, non_trainable, metrics
+        if accumulated is not None:
+            grads = [a + g for a, g in zip(accumulated[0], grads, strict=True)]
+            loss = accumulated[1] + loss
+        return (grads, loss), y_pred, non_trainable, metrics
 
-    def _update_step(self, trainable, optimizer, metrics, grads, loss, data, y_pred):
+    def _update_step(self, trainable, optimizer, metrics, accumulated, data, predictions):
         """The one update of the batch, then the loss tracker and metrics on the whole batch."""
         model = self.model
+        grads, loss = accumulated
+        if len(predictions) == 1:
+            y_pred = predictions[0]
+        else:  # the micro-batches' predictions, concatenated in the compiled update
+            y_pred = jax.tree_util.tree_map(lambda *p: jnp.concatenate(p), *predictions)
         trainable, optimizer = model.optimizer.stateless_apply(optimizer, grads, trainable)
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         mapping = list(zip(model.metrics_variables, metrics, strict=True))
@@ -169,12 +178,12 @@ class AccumulatingTrainFunction(TrainFunctionSwitch):
         trainable, non_trainable, optimizer, metrics = self._state
         rows = self.local_batch_rows(data)
         per_step = max(1, self.num_replicas * micro_batch_size)
-        grads, loss, predictions = None, None, []
+        accumulated, predictions = None, []
         for start in range(0, max(rows, 1), per_step):
             stop = min(start + per_step, rows)
             share = np.float32((stop - start) / rows) if rows else np.float32(1.0)
-            grads, loss_k, y_pred, non_trainable, metrics = self._micro(
-                grads,
+            accumulated, y_pred, non_trainable, metrics = self._micro(
+                accumulated,
                 trainable,
                 non_trainable,
                 metrics,
@@ -182,14 +191,9 @@ class AccumulatingTrainFunction(TrainFunctionSwitch):
                 _slice_rows(data, start, stop),
                 share,
             )
-            loss = loss_k if loss is None else loss + loss_k
             predictions.append(y_pred)
-        if len(predictions) == 1:
-            y_pred = predictions[0]
-        else:
-            y_pred = jax.tree_util.tree_map(lambda *p: jnp.concatenate(p), *predictions)
         logs, trainable, optimizer, metrics = self._update(
-            trainable, optimizer, metrics, grads, loss, data, y_pred
+            trainable, optimizer, metrics, accumulated, data, predictions
         )
         self._state = (trainable, non_trainable, optimizer, metrics)
         return logs
