@@ -1,6 +1,6 @@
 """keras_parallel: train Keras models with a bigger batch than one GPU holds."""
 
-from keras_parallel import callbacks
+from keras_parallel import callbacks, multi_worker
 from keras_parallel._compat import FLAVOUR
 from keras_parallel.devices import split_cpu
 from keras_parallel.layers.batch_slice import BatchSlice, slice_sizes
@@ -19,6 +19,7 @@ __all__ = [
     "__version__",
     "callbacks",
     "custom_objects",
+    "multi_worker",
     "plan",
     "replicas",
     "slice_sizes",

@@ -8,6 +8,7 @@ import warnings
 from keras_parallel._compat import IS_KERAS_3, backend_name, keras, register
 from keras_parallel._warnings import warn
 from keras_parallel.layers.parallel_replicas import ParallelReplicas
+from keras_parallel.multi_worker import check_fit_supported
 
 __all__ = ["ParallelModel"]
 
@@ -78,6 +79,12 @@ class ParallelModel(keras.Model):
             elif jit == "auto":
                 bound.arguments["jit_compile"] = False
         return super().compile(*bound.args, **bound.kwargs)
+
+    def fit(self, *args, **kwargs):
+        # Keras 3 fails inside its own fit on several workers: say so first, before
+        # any data is read.
+        check_fit_supported(self)
+        return super().fit(*args, **kwargs)
 
     def compile_from_config(self, config):
         # Keras skips compiling a loaded model whose `compile` is overridden unless

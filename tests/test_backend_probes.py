@@ -17,7 +17,7 @@ import pytest
 
 import keras_parallel
 from keras_parallel import _backend
-from keras_parallel._compat import backend_name, keras
+from keras_parallel._compat import FLAVOUR, backend_name, keras
 from keras_parallel.devices import list_devices
 from keras_parallel.probes import DeviceProbe
 
@@ -168,3 +168,17 @@ def test_cli_plans_a_speed_split_on_this_backend(tmp_path):
     assert result.returncode == 0, result.stderr
     table = [line for line in result.stdout.splitlines() if line.startswith("/device:CPU:")]
     assert len(table) == len(devices)
+
+
+def test_the_demo_trains_saves_and_reloads_on_this_backend(tmp_path):
+    if BACKEND == "tensorflow":
+        pytest.skip("test_cli.py runs the demo on TensorFlow")
+    result = run_cli(
+        "demo",
+        *("--samples", "32", "--epochs", "1", "--frames", "4", "--size", "12"),
+        *("--batch-size", "8", "--micro-batch-size", "2", "--output", str(tmp_path)),
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"({FLAVOUR}, {BACKEND})" in result.stdout
+    assert "Reloaded it: predictions match" in result.stdout
+    assert (tmp_path / "direction_classifier.keras").exists()

@@ -28,7 +28,7 @@ import messages  # noqa: E402
 import mkdocs_hooks  # noqa: E402
 
 import keras_parallel  # noqa: E402
-from keras_parallel import callbacks, probes  # noqa: E402
+from keras_parallel import callbacks, multi_worker, probes  # noqa: E402
 
 DOCS = ROOT / "docs"
 LEGACY = os.environ.get("TF_USE_LEGACY_KERAS", "").strip().lower() in ("1", "true")
@@ -43,10 +43,12 @@ def public_names() -> dict[str, object]:
     names = {
         f"keras_parallel.{n}": getattr(keras_parallel, n)
         for n in keras_parallel.__all__
-        if n not in ("__version__", "callbacks")
+        if n not in ("__version__", "callbacks", "multi_worker")
     }
     for name in callbacks.__all__:
         names[f"keras_parallel.callbacks.{name}"] = getattr(callbacks, name)
+    for name in multi_worker.__all__:
+        names[f"keras_parallel.multi_worker.{name}"] = getattr(multi_worker, name)
     names["keras_parallel.probes.DeviceProbe"] = probes.DeviceProbe
     return names
 

@@ -76,7 +76,14 @@ class GradientAccumulation(keras.callbacks.Callback):
     With a keras_parallel DataParallel model over n devices, each micro-batch is
     itself split over the devices: a batch of B rows takes
     ``ceil(B / (n * micro_batch_size))`` accumulation steps. Under a
-    `tf.distribute` strategy, `micro_batch_size` is per replica likewise.
+    `tf.distribute` strategy, `micro_batch_size` is per replica likewise. Under a
+    `MultiWorkerMirroredStrategy` over several machines
+    (`keras_parallel.multi_worker.strategy`), every worker runs the same size:
+    `"auto"` takes the smallest of the workers' plans (one exchange, when it
+    plans), and a step that runs out of memory is not redone (the other workers
+    already wait for its gradients): the error is raised on that worker, and the
+    others fail when the strategy's `timeout` expires (see
+    docs/several_machines.md).
 
     The chosen size is in the attribute `micro_batch_size_` after training starts,
     and in the epoch logs as `micro_batch_size`.
@@ -217,7 +224,11 @@ class GradientAccumulation(keras.callbacks.Callback):
         rows = train_function.local_batch_rows(data)
         micro = self._micro_batch_size_for(data, rows, train_function)
         out_of_memory = _backend.accumulation.OUT_OF_MEMORY_ERRORS
-        retries = self.micro_batch_size == _AUTO and bool(out_of_memory)
+        retries = (
+            self.micro_batch_size == _AUTO
+            and bool(out_of_memory)
+            and getattr(train_function, "retries_are_safe", True)
+        )
         while True:
             saved = train_function.snapshot_state() if retries else None
             try:
@@ -235,7 +246,10 @@ class GradientAccumulation(keras.callbacks.Callback):
         replicas_n = train_function.num_replicas
         rows_per_device = -(-rows // replicas_n) if rows else 0
         if self.micro_batch_size_ is None:
-            self.micro_batch_size_ = self._plan(data, max(1, rows_per_device), train_function)
+            planned = self._plan(data, max(1, rows_per_device), train_function)
+            agree = getattr(train_function, "agree_on_size", None)
+            # Several workers (MultiWorkerMirroredStrategy) run the smallest plan.
+            self.micro_batch_size_ = agree(planned) if agree is not None else planned
         micro = self.micro_batch_size_
         if (
             self._has_batch_normalization

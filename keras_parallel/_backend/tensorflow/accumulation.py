@@ -46,6 +46,7 @@ __all__ = [
     "OUT_OF_MEMORY_ERRORS",
     "check_supported",
     "measured_device",
+    "spans_workers",
     "local_batch_rows",
     "own_train_function",
 ]
@@ -57,13 +58,21 @@ PROBE_RUNS_NOTHING = False
 
 #: Why `make_probe` may give no figure.
 NO_PROBE_REASON = (
-    "TensorFlow has no allocator statistics there; on a CPU it needs "
-    "TF_CPU_ALLOCATOR_USE_BFC=true"
+    "TensorFlow has no allocator statistics there; on a CPU it needs TF_CPU_ALLOCATOR_USE_BFC=true"
 )
 
 
 def check_supported() -> None:
     """Gradient accumulation works on TensorFlow (Keras 3 and tf-keras): nothing to refuse."""
+
+
+def spans_workers(strategy) -> bool:
+    """Whether `strategy` is a `MultiWorkerMirroredStrategy` over several workers."""
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return False
+    resolver = getattr(strategy, "cluster_resolver", None)
+    spec = resolver.cluster_spec().as_dict() if resolver is not None else {}
+    return sum(len(tasks) for tasks in spec.values()) > 1
 
 
 def _drop_optionals(data):
@@ -110,6 +119,11 @@ class AccumulatingTrainFunction(TrainFunctionSwitch):
         self.strategy = model.distribute_strategy
         self._scale_loss, self._unscale_gradients = _loss_scaling(model.optimizer)
         self._tracker = loss_tracker(model) if IS_KERAS_3 else None
+        #: Whether a step's collectives span several workers (MWMS): a worker that
+        #: fails a step alone leaves the others waiting in the gradient all-reduce,
+        #: so a step is not retried there (`retries_are_safe`).
+        self.spans_workers = spans_workers(self.strategy)
+        self._agree_step = None
         self._step = self._wrap(self._distributed_step)
         self._probe_step = None
         with self.strategy.scope():
@@ -294,6 +308,30 @@ class AccumulatingTrainFunction(TrainFunctionSwitch):
     def update_began(self) -> bool:
         """Whether the last step got as far as its update (read after it failed)."""
         return bool(self._updating.numpy())
+
+    # ----------------------------------------------------------------- several workers
+    @property
+    def retries_are_safe(self) -> bool:
+        """Whether a step that failed may be undone and redone on this worker alone."""
+        return not self.spans_workers
+
+    def agree_on_size(self, size: int) -> int:
+        """The smallest of every worker's `size` (one all-gather; `size` itself on one worker).
+
+        Workers must run the same micro-batch size: their steps meet in the same
+        collectives. Called once per plan, not per step.
+        """
+        if not self.spans_workers:
+            return size
+        if self._agree_step is None:
+
+            def gather(value):
+                context = tf.distribute.get_replica_context()
+                return tf.reduce_min(context.all_gather(tf.reshape(value, [1]), axis=0))
+
+            self._agree_step = tf.function(lambda value: self.strategy.run(gather, args=(value,)))
+        result = self._agree_step(tf.constant(size, tf.int32))
+        return int(self.strategy.experimental_local_results(result)[0].numpy())
 
     # ------------------------------------------------------------------- the call
     def __call__(self, iterator):
