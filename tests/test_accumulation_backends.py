@@ -11,6 +11,7 @@ retry where the backend can recover (torch), and a fit that raises.
 
 from __future__ import annotations
 
+import threading
 import warnings
 
 import numpy as np
@@ -277,3 +278,20 @@ def test_an_optimizer_that_accumulates_itself_is_refused_before_training():
             [GradientAccumulation(4)],
         )
     assert_weights_close(model.get_weights(), before, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(backend_name() != "jax", reason="Keras's asynchronous callbacks on JAX")
+def test_jax_batch_end_callbacks_run_in_the_training_thread():
+    # Keras converts logs in a thread pool on JAX; with the accumulating step over
+    # several host devices that race hung XLA's CPU runtime, so the callback keeps
+    # the batch-end callbacks in the training thread.
+    in_main_thread = []
+
+    class Recorder(keras.callbacks.Callback):
+        async_safe = True  # leaves the choice to the other callbacks
+
+        def on_train_batch_end(self, batch, logs=None):
+            in_main_thread.append(threading.current_thread() is threading.main_thread())
+
+    _train(_model(), keras.optimizers.SGD(0.1), [GradientAccumulation(4), Recorder()], epochs=1)
+    assert in_main_thread and all(in_main_thread)

@@ -2,11 +2,14 @@
 
 Each backend has the same modules, under ``_backend/<name>/``:
 
-- ``devices``: `list_devices`, `split_cpu`, `device_scope`;
+- ``devices``: `list_devices`, `split_cpu`, `device_scope`, `computed_rows` (the
+  rows each device computes: padded to the largest slice on JAX);
 - ``memory``: the allocator's `MemorySource` (`default_source`) and `memory_limit`;
-- ``probes``: `measure_throughput` (``split="speed"``) and `peak_probe` (``plan``);
+- ``probes``: `measure_throughput` (``split="speed"``), `peak_probe` (``plan``) and
+  `PEAK_NOTE` (what the peaks are, where not an allocator's);
 - ``accumulation``: `check_supported`, `AccumulatingTrainFunction`,
-  `own_train_function`, `OUT_OF_MEMORY_ERRORS` (`GradientAccumulation`).
+  `own_train_function`, `OUT_OF_MEMORY_ERRORS`, `PROBE_RUNS_NOTHING`,
+  `NO_PROBE_REASON` (`GradientAccumulation`).
 
 The backend is `keras_parallel._compat.backend_name()`: Keras 3's backend, and
 "tensorflow" for tf-keras (the tf-keras *flavour* is Keras 2 on the TensorFlow

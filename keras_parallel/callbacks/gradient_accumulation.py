@@ -145,6 +145,10 @@ class GradientAccumulation(keras.callbacks.Callback):
         self._installed = None
         self._cache = None
         self._supports_tf_logs = True  # tf-keras: its batch hooks need not convert logs
+        if _backend.accumulation.SYNCHRONOUS_BATCH_END:
+            # A batch-end hook of our own makes Keras call the batch-end callbacks in
+            # the training thread (not a thread pool); see SYNCHRONOUS_BATCH_END.
+            self.on_train_batch_end = self._on_train_batch_end
 
     # ------------------------------------------------------------------ train hooks
     def _validate_model(self, model) -> None:
@@ -202,6 +206,9 @@ class GradientAccumulation(keras.callbacks.Callback):
     def on_train_batch_begin(self, batch, logs=None):
         if self._installed is not None:
             self._installed.arm()
+
+    def _on_train_batch_end(self, batch, logs=None):
+        """Nothing to do: its presence keeps Keras's batch-end callbacks synchronous."""
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None and self.micro_batch_size_ is not None:

@@ -30,6 +30,9 @@ __all__ = [
 #: Errors a step raises when the device runs out of memory: none known here.
 OUT_OF_MEMORY_ERRORS: tuple[type[BaseException], ...] = ()
 
+#: Whether Keras must call the batch-end callbacks in the training thread.
+SYNCHRONOUS_BATCH_END = False
+
 #: Whether asking the probe costs no device memory (no probe here).
 PROBE_RUNS_NOTHING = False
 

@@ -45,6 +45,14 @@ __all__ = [
 #: No out-of-memory error is retried on JAX (see the module's docstring).
 OUT_OF_MEMORY_ERRORS: tuple[type[BaseException], ...] = ()
 
+#: Whether Keras must call the batch-end callbacks in the training thread. On
+#: JAX, Keras converts each batch's logs in a thread pool while the training
+#: thread dispatches the next step; with the accumulating step's several
+#: programs over several host (CPU) devices, that race hung XLA's CPU runtime
+#: (devices waiting in a rendezvous) at an epoch's end. Synchronous callbacks
+#: cost little: the logs of one batch, not of each micro-batch.
+SYNCHRONOUS_BATCH_END = True
+
 #: Whether asking the probe costs no device memory (the probe compiles the step and runs nothing).
 PROBE_RUNS_NOTHING = True
 

@@ -53,6 +53,9 @@ __all__ = [
 
 OUT_OF_MEMORY_ERRORS = (tf.errors.ResourceExhaustedError,)
 
+#: Whether Keras must call the batch-end callbacks in the training thread.
+SYNCHRONOUS_BATCH_END = False
+
 #: Whether asking the probe costs no device memory (the probe runs a forward/backward pass).
 PROBE_RUNS_NOTHING = False
 
