@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import traceback
 
 import numpy as np
@@ -91,15 +92,17 @@ def run_case(case, task_index, devices):
                 "auto", memory_budget=10**4, memory_probe=lambda m: peak_per_row * m
             )
         )
-    if case == "oom":
+    if case in ("oom", "oom_fixed"):
         # Worker 1 alone runs out of memory above 4 rows; "auto" plans 8 (the
-        # whole per-worker batch) from the fixed probe.
+        # whole per-worker batch) from the fixed probe, "oom_fixed" runs 8.
         limit = 4 if task_index == 1 else None
         recorder = _recorder_class(keras, tf)(limit)
         callbacks.append(
             keras_parallel.callbacks.GradientAccumulation(
                 "auto", memory_budget=10**9, memory_probe=lambda m: 1000 * m
             )
+            if case == "oom"
+            else keras_parallel.callbacks.GradientAccumulation(8)
         )
     template = _model(keras, recorder)
     model = template
@@ -144,6 +147,7 @@ def main(out, cases):
         task_index = strategy.cluster_resolver.task_id or 0
     results = {"task": task_index, "cases": {}}
     for case in cases:
+        began = time.monotonic()
         try:
             if strategy is None:
                 results["cases"][case] = run_case(case, task_index, devices)
@@ -153,6 +157,7 @@ def main(out, cases):
         except Exception as error:
             results["cases"][case] = {
                 "error": {"type": type(error).__name__, "message": str(error)[:2000]},
+                "seconds": time.monotonic() - began,
                 "traceback": traceback.format_exc()[-3000:],
             }
             if not isinstance(error, ValueError | TypeError | NotImplementedError):

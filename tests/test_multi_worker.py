@@ -29,7 +29,16 @@ WORKER = HERE / "multi_worker_worker.py"
 RUN_TIMEOUT = 240  # seconds for a pair of workers to run all their cases
 COLLECTIVE_TIMEOUT = 60  # seconds a worker waits for the other in a collective
 
-TRAINING_CASES = ["plain", "dp_equal", "dp_21", "ga", "dp_ga", "memory_logger", "auto_agree"]
+TRAINING_CASES = [
+    "plain",
+    "dp_equal",
+    "dp_21",
+    "ga",
+    "dp_ga",
+    "memory_logger",
+    "auto_agree",
+    "oom",  # worker 1 alone runs out of memory at the first step: every worker redoes it
+]
 
 
 def _free_ports(n):
@@ -98,7 +107,8 @@ def reference():
 def tf_keras_runs(tmp_path_factory):
     if IS_KERAS_3:
         pytest.skip("Keras 3 refuses fit on several workers (see the Keras 3 tests)")
-    return run_workers([*TRAINING_CASES, "oom"], tmp_path_factory.mktemp("workers"))
+    # "oom_fixed" fails on every worker: it comes last (a failed case ends the run).
+    return run_workers([*TRAINING_CASES, "oom_fixed"], tmp_path_factory.mktemp("workers"))
 
 
 @pytest.mark.parametrize("case", TRAINING_CASES)
@@ -131,18 +141,28 @@ def test_memory_logger_logs_on_every_worker(tf_keras_runs):
         assert set(history) - {"loss"}, history
 
 
-def test_out_of_memory_on_one_worker_fails_both_without_deadlock(tf_keras_runs):
-    # Not redone under MultiWorkerMirroredStrategy: the worker that ran out raises
-    # the allocator's error, the other fails in the collective instead of waiting.
-    failing, waiting = tf_keras_runs[1]["cases"]["oom"], tf_keras_runs[0]["cases"]["oom"]
+def test_out_of_memory_on_one_worker_is_redone_by_every_worker_at_half_size(tf_keras_runs):
+    # Worker 1 alone runs out of memory at 8 rows: both workers undo the step and
+    # redo the same batch at 4 rows (weights, loss and iterations as one process:
+    # checked with the training cases above).
+    for worker in tf_keras_runs:
+        result = worker["cases"]["oom"]
+        assert "error" not in result, result.get("traceback")
+        assert result["micro_batch_size"] == 4
+        assert result["history"]["micro_batch_size"] == [4.0, 4.0]
+        # The undone 8-row pass left no trace in either worker's layer state.
+        assert result["largest"] == 4.0
+
+
+def test_out_of_memory_at_a_fixed_size_fails_every_worker_at_once(tf_keras_runs):
+    # A fixed size is not redone: the worker that ran out raises the allocator's
+    # error, the other is told in the same step (no wait for the collective timeout).
+    failing, other = (tf_keras_runs[i]["cases"]["oom_fixed"] for i in (1, 0))
     assert failing["error"]["type"] == "ResourceExhaustedError"
-    assert waiting["error"]["type"] in (
-        "UnavailableError",
-        "DeadlineExceededError",
-        "InternalError",
-        "CancelledError",
-        "AbortedError",
-    )
+    assert other["error"]["type"] == "ResourceExhaustedError"
+    assert "another worker ran out of memory" in other["error"]["message"]
+    for result in (failing, other):
+        assert result["seconds"] < COLLECTIVE_TIMEOUT / 2
 
 
 @pytest.mark.skipif(not IS_KERAS_3, reason="Keras 3 only")

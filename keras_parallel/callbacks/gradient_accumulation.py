@@ -78,11 +78,11 @@ class GradientAccumulation(keras.callbacks.Callback):
     ``ceil(B / (n * micro_batch_size))`` accumulation steps. Under a
     `tf.distribute` strategy, `micro_batch_size` is per replica likewise. Under a
     `MultiWorkerMirroredStrategy` over several machines
-    (`keras_parallel.multi_worker.strategy`), every worker runs the same size:
-    `"auto"` takes the smallest of the workers' plans (one exchange, when it
-    plans), and a step that runs out of memory is not redone (the other workers
-    already wait for its gradients): the error is raised on that worker, and the
-    others fail when the strategy's `timeout` expires (see
+    (`keras_parallel.multi_worker.strategy`, tf-keras), every worker runs the same
+    size: `"auto"` takes the smallest of the workers' plans (one exchange, when it
+    plans), and a step that runs out of memory on any worker is undone on every
+    worker, which all redo the same batch with half the micro-batch; the "failed"
+    count rides in the step's one gradient all-reduce (see
     docs/several_machines.md).
 
     The chosen size is in the attribute `micro_batch_size_` after training starts,
@@ -227,6 +227,8 @@ class GradientAccumulation(keras.callbacks.Callback):
         that runs out of memory before its update began is undone (the state it
         touched restored) and the same batch redone with half the micro-batch; a
         fixed size, a micro-batch of 1, or an error during the update is raised.
+        On several workers (`joint_retries`) the step raises on every worker when
+        any ran out, and every worker, running the same size, decides alike.
         """
         rows = train_function.local_batch_rows(data)
         micro = self._micro_batch_size_for(data, rows, train_function)

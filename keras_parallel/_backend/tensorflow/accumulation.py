@@ -23,11 +23,26 @@ allocator peak of a forward/backward pass). The policy (which micro-batch size,
 whether to retry a step that ran out of memory, and with what) is the caller's: the
 `run_batch` callable it passes in is called with the function and each fetched batch.
 
+Under a `MultiWorkerMirroredStrategy` over several workers (tf-keras), a step is
+three functions so that one worker running out of memory makes every worker redo
+the batch (`joint_retries`): the micro-batch loop with no collective (an
+out-of-memory error raises on that worker alone), then on every worker one
+all-reduce of the summed gradients with a "failed" count packed in (the one
+collective the optimizer's apply would make), then, only if no worker failed, the
+update with the reduced gradients (the optimizer aggregates nothing again) and the
+metrics. Where a worker failed, every worker raises an out-of-memory error before
+anything is applied, and the caller undoes and redoes the batch as on one worker.
+State snapshots read and assign each replica's own copy of a variable: no
+cross-worker traffic.
+
 The function serves one `fit` at a time, with the life cycle every backend shares
 (`install`, `arm`, `uninstall`: `_backend/common/accumulation.TrainFunctionSwitch`).
 """
 
 from __future__ import annotations
+
+import functools
+import inspect
 
 import tensorflow as tf
 
@@ -101,6 +116,19 @@ def local_batch_rows(data, strategy) -> int:
     return int(leaf.shape[0]) if leaf.shape[0] is not None else int(tf.shape(leaf)[0])
 
 
+def _skip_aggregation_kwargs(optimizer):
+    """The `apply_gradients` keyword that skips its all-reduce (None when it has none)."""
+    try:
+        parameters = inspect.signature(optimizer.apply_gradients).parameters
+    except (TypeError, ValueError):
+        return None
+    if "skip_gradients_aggregation" in parameters:  # tf-keras's optimizers
+        return {"skip_gradients_aggregation": True}
+    if "experimental_aggregate_gradients" in parameters:  # tf-keras's legacy optimizers
+        return {"experimental_aggregate_gradients": False}
+    return None
+
+
 def _loss_scaling(optimizer):
     """(scale_loss, unscale_gradients) for the optimizer's loss scaling, if any."""
     if IS_KERAS_3:
@@ -122,12 +150,22 @@ class AccumulatingTrainFunction(TrainFunctionSwitch):
         self.strategy = model.distribute_strategy
         self._scale_loss, self._unscale_gradients = _loss_scaling(model.optimizer)
         self._tracker = loss_tracker(model) if IS_KERAS_3 else None
-        #: Whether a step's collectives span several workers (MWMS): a worker that
-        #: fails a step alone leaves the others waiting in the gradient all-reduce,
-        #: so a step is not retried there (`retries_are_safe`).
+        #: Whether a step's collectives span several workers (MWMS).
         self.spans_workers = spans_workers(self.strategy)
+        #: Whether a step on several workers is split so that an out-of-memory error
+        #: on one worker fails the step on every worker (see the module docstring).
+        #: Needs an optimizer that can apply gradients already all-reduced (tf-keras);
+        #: Keras 3 cannot `fit` on several workers (keras-team/keras#20585).
+        self._skip_aggregation = None if IS_KERAS_3 else _skip_aggregation_kwargs(model.optimizer)
+        self.joint_retries = self.spans_workers and self._skip_aggregation is not None
+        self._joint_update_began = False
         self._agree_step = None
         self._step = self._wrap(self._distributed_step)
+        if self.joint_retries:
+            self._gradients_step = self._wrap(self._distributed_gradients)
+            self._zeros_step = self._wrap(self._distributed_zeros)
+            self._exchange_step = self._wrap(self._distributed_exchange)
+            self._update_step = self._wrap(self._distributed_update)
         self._probe_step = None
         with self.strategy.scope():
             if IS_KERAS_3:
@@ -173,8 +211,8 @@ class AccumulatingTrainFunction(TrainFunctionSwitch):
         ]
         return grads, loss, y_pred
 
-    def _replica_step(self, data, rows_per_step):
-        model = self.model
+    def _replica_gradients(self, data, rows_per_step):
+        """The micro-batch loop: (summed gradients, whole-batch loss, concatenated y_pred)."""
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         batch = tf.shape(_first_leaf(x))[0]
         steps = tf.maximum((batch + rows_per_step - 1) // rows_per_step, 1)
@@ -209,6 +247,11 @@ class AccumulatingTrainFunction(TrainFunctionSwitch):
         )
         if self._unscale_gradients is not None:
             grads = self._unscale_gradients(grads)
+        y_pred = tf.nest.pack_sequence_as(y_pred, [a.concat() for a in arrays])
+        return grads, loss, y_pred
+
+    def _replica_step(self, data, rows_per_step):
+        grads, loss, y_pred = self._replica_gradients(data, rows_per_step)
         # Inside a graph, stateful ops run as soon as their inputs are ready: without
         # this, `iterations.assign_add` (which needs no gradient) could run in a step
         # that then fails out of memory, and a retry would count the update twice.
@@ -216,13 +259,20 @@ class AccumulatingTrainFunction(TrainFunctionSwitch):
         with tf.control_dependencies(grads):
             updating = self._updating.assign(True)
         with tf.control_dependencies([updating]):
-            model.optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+            return self._replica_update(data, grads, loss, y_pred)
 
+    def _replica_update(self, data, grads, loss, y_pred, **apply_kwargs):
+        """Applies `grads` once and updates the metrics on the whole batch; returns the logs."""
+        model = self.model
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        batch = tf.shape(_first_leaf(x))[0]
+        model.optimizer.apply_gradients(
+            zip(grads, model.trainable_variables, strict=True), **apply_kwargs
+        )
         if self._tracker is not None:
             # Keras 3's train_step logs the loss unscaled for distribution, per row.
             replicas = tf.distribute.get_strategy().num_replicas_in_sync
             self._tracker.update_state(loss * tf.cast(replicas, loss.dtype), sample_weight=batch)
-        y_pred = tf.nest.pack_sequence_as(y_pred, [a.concat() for a in arrays])
         logs = model.compute_metrics(x, y, y_pred, sample_weight)
         counter = getattr(model, "_train_counter", None)  # tf-keras: TensorBoard's step
         if counter is not None:
@@ -234,6 +284,63 @@ class AccumulatingTrainFunction(TrainFunctionSwitch):
         self._updating.assign(False)  # ordered before the replicas' assign(True)
         outputs = self.strategy.run(self._replica_step, args=(data, rows_per_step))
         return self._reduce(outputs)
+
+    # ------------------------------------------------- several workers: a joint step
+    def _distributed_gradients(self, data, rows_per_step):
+        # No collective: an out-of-memory error here raises on this worker alone.
+        return self.strategy.run(self._replica_gradients, args=(data, rows_per_step))
+
+    def _distributed_zeros(self):
+        # What a worker whose gradients failed sends: zeros of the gradients' own
+        # types, so the exchange is not traced again on that worker alone (a new
+        # trace takes new collective keys, which must match across workers).
+        variables = self.model.trainable_variables
+        return self.strategy.run(lambda: [tf.zeros(v.shape, v.dtype) for v in variables])
+
+    def _distributed_exchange(self, grads, failed):
+        def exchange(grads, failed):
+            # One all-reduce (TensorFlow packs the list into one collective): the
+            # gradients and, in the same pack, how many replicas failed.
+            # (`tf.identity` places the function's inputs on the replica's device:
+            # the all-reduce needs one.)
+            flag = tf.reshape(tf.cast(failed, grads[0].dtype), [1])
+            reduced = tf.distribute.get_replica_context().all_reduce(
+                tf.distribute.ReduceOp.SUM, [*(tf.identity(g) for g in grads), flag]
+            )
+            return reduced[:-1], reduced[-1][0]
+
+        return self.strategy.run(exchange, args=(grads, failed))
+
+    def _distributed_update(self, data, grads, loss, y_pred):
+        update = functools.partial(self._replica_update, **self._skip_aggregation)
+        outputs = self.strategy.run(update, args=(data, grads, loss, y_pred))
+        return self._reduce(outputs)
+
+    def _joint_step(self, data, rows_per_step):
+        """One step on several workers: every worker fails it if any runs out of memory."""
+        self._joint_update_began = False
+        error = None
+        try:
+            grads, loss, y_pred = self._gradients_step(data, rows_per_step)
+        except OUT_OF_MEMORY_ERRORS as caught:
+            error = caught
+        if error is not None:
+            grads = self._zeros_step()
+        reduced, failed = self._exchange_step(grads, tf.constant(error is not None, tf.int32))
+        failed = float(self.strategy.experimental_local_results(failed)[0].numpy())
+        if error is not None:
+            raise error
+        if failed > 0:
+            raise tf.errors.ResourceExhaustedError(
+                None,
+                None,
+                "GradientAccumulation: another worker ran out of memory in this step; "
+                "every worker undoes it (nothing was applied) and redoes the batch with "
+                'the smaller micro-batch that "auto" agrees on, or raises with the fixed '
+                "size.",
+            )
+        self._joint_update_began = True
+        return self._update_step(data, reduced, loss, y_pred)
 
     def _reduce(self, outputs):
         strategy = self.strategy
@@ -293,14 +400,21 @@ class AccumulatingTrainFunction(TrainFunctionSwitch):
         return probe
 
     # ------------------------------------------------------------ state save/restore
+    def _local_copies(self, variables):
+        # Each replica's own copy of a distributed variable: reading or assigning it
+        # is local (assigning a MirroredVariable or reading a SyncOnRead one from
+        # outside the replicas would all-reduce across workers).
+        return [c for v in variables for c in self.strategy.experimental_local_results(v)]
+
     def snapshot_state(self):
         variables = state_variables(self.model)
-        return variables, [tf.identity(v) for v in variables]
+        copies = self._local_copies(variables)
+        return variables, copies, [tf.identity(c) for c in copies]
 
     def restore_state(self, saved):
-        variables, values = saved
-        for variable, value in zip(variables, values, strict=True):
-            variable.assign(value)
+        variables, copies, values = saved
+        for copy, value in zip(copies, values, strict=True):
+            copy.assign(value)
         # Metrics built lazily by the failed step (Keras 3 builds compiled metrics at
         # the first trace) were not in the snapshot: start them from zero.
         known = {id(v) for v in variables}
@@ -310,13 +424,19 @@ class AccumulatingTrainFunction(TrainFunctionSwitch):
 
     def update_began(self) -> bool:
         """Whether the last step got as far as its update (read after it failed)."""
+        if self.joint_retries:
+            return self._joint_update_began
         return bool(self._updating.numpy())
 
     # ----------------------------------------------------------------- several workers
     @property
     def retries_are_safe(self) -> bool:
-        """Whether a step that failed may be undone and redone on this worker alone."""
-        return not self.spans_workers
+        """Whether a step that ran out of memory may be undone and redone.
+
+        On several workers only where the step is joint (`joint_retries`): there every
+        worker fails the step together, and all redo it.
+        """
+        return not self.spans_workers or self.joint_retries
 
     def agree_on_size(self, size: int) -> int:
         """The smallest of every worker's `size` (one all-gather; `size` itself on one worker).
@@ -357,9 +477,13 @@ class AccumulatingTrainFunction(TrainFunctionSwitch):
     def step(self, data, micro_batch_size: int):
         """One accumulating step on `data`, `micro_batch_size` rows per device per micro step.
 
-        Returns the step's logs; raises `OUT_OF_MEMORY_ERRORS` as the step does.
+        Returns the step's logs; raises `OUT_OF_MEMORY_ERRORS` as the step does, and,
+        on several workers (`joint_retries`), on every worker when any ran out.
         """
-        return self._step(data, tf.constant(self.num_replicas * micro_batch_size, tf.int32))
+        rows = tf.constant(self.num_replicas * micro_batch_size, tf.int32)
+        if self.joint_retries:
+            return self._joint_step(data, rows)
+        return self._step(data, rows)
 
 
 def own_train_function(model):
