@@ -10,8 +10,9 @@ logical CPUs of `split_cpu`), with that worker's own split. Left to itself, MWMS
 makes one replica per GPU, and a DataParallel model inside each replica would
 slice over every GPU again.
 
-TensorFlow backend only (Keras 3 on TensorFlow, or tf-keras). See
-docs/several_machines.md.
+TensorFlow backend only (Keras 3 on TensorFlow, or tf-keras). On JAX, Keras's
+own `keras.distribution` trains over several processes; `check_fit_supported`
+refuses what keras_parallel cannot do there. See docs/several_machines.md.
 """
 
 from __future__ import annotations
@@ -229,9 +230,14 @@ def check_fit_supported(model) -> None:
     Args:
         model: a Keras model (its `distribute_strategy` is checked).
 
+    On JAX over several processes (`keras.distribution.initialize`), a
+    DataParallel model over more than one device is refused: use the template
+    under `keras.distribution.DataParallel()` there.
+
     Raises:
         NotImplementedError: with Keras 3 under a `MultiWorkerMirroredStrategy`
-            over several workers.
+            over several workers; on JAX over several processes, for a
+            DataParallel model over several devices.
 
     Example:
 
@@ -245,6 +251,9 @@ def check_fit_supported(model) -> None:
     model.fit(dataset)
     ```
     """
+    if IS_KERAS_3 and backend_name() == "jax":
+        _check_jax_fit_supported(model)
+        return
     if not IS_KERAS_3 or backend_name() != "tensorflow":
         return
     distribute_strategy = getattr(model, "distribute_strategy", None)
@@ -257,4 +266,36 @@ def check_fit_supported(model) -> None:
         "TF_USE_LEGACY_KERAS=1 before anything imports TensorFlow. "
         f"Received: Keras {keras.__version__}, "
         f"MultiWorkerMirroredStrategy with {distribute_strategy.num_replicas_in_sync} replicas"
+    )
+
+
+def _check_jax_fit_supported(model) -> None:
+    """On JAX over several processes, a DataParallel model must run on one device.
+
+    `keras.distribution.DataParallel()` after `keras.distribution.initialize`
+    already splits every batch over all processes' devices. keras_parallel's
+    DataParallel lays its slices out on a mesh of this process's devices inside
+    Keras's jitted step, whose state spans every process's devices: JAX refuses
+    that at the first step, after a batch was read.
+    """
+    import jax
+
+    processes = jax.process_count()
+    if processes <= 1:
+        return
+    replicas_layer = getattr(model, "_replicas_layer", None)
+    replicas = replicas_layer() if callable(replicas_layer) else None
+    devices = list(getattr(replicas, "devices", None) or [])
+    if len(devices) <= 1:
+        return
+    raise NotImplementedError(
+        "keras_parallel.DataParallel cannot spread a batch over this process's "
+        f"devices while JAX runs {processes} processes "
+        "(keras.distribution.initialize): its slices would be laid out on this "
+        "process's devices inside a step that spans every process's devices. "
+        "Expected the template itself (keras_parallel.unwrap(model)) under "
+        "keras.distribution.DataParallel(), which splits every batch over all "
+        "processes' devices, or DataParallel on one device. "
+        f"Received: DataParallel over devices={devices} in JAX process "
+        f"{jax.process_index()} of {processes}"
     )

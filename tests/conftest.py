@@ -30,6 +30,7 @@ BACKEND_NEUTRAL = {
     "test_backend_probes.py",
     "test_backends.py",
     "test_layout.py",
+    "test_multi_worker_jax.py",
 }
 
 if BACKEND == "tensorflow":

@@ -67,7 +67,9 @@ def check_supported() -> None:
             "GradientAccumulation on JAX does not support a `keras.distribution` "
             "(its train step lays out the state itself). Expected "
             "keras.distribution.distribution() to be None. Received: "
-            f"{type(keras.distribution.distribution()).__name__}"
+            f"{type(keras.distribution.distribution()).__name__}. On several JAX "
+            "processes, train the template under keras.distribution.DataParallel() "
+            "without GradientAccumulation, or use tf-keras (docs/several_machines.md)."
         )
 
 

@@ -31,7 +31,8 @@ def jax_device(canonical: str):
     """The JAX device for a canonical name ("/device:GPU:1" -> jax.devices("gpu")[1])."""
     _, kind, index = canonical.split(":")
     platform = {"GPU": "gpu", "CPU": "cpu", "TPU": "tpu"}.get(kind, kind.lower())
-    return jax.devices(platform)[int(index)]
+    # This process's devices: with several JAX processes, jax.devices() lists them all.
+    return jax.local_devices(backend=platform)[int(index)]
 
 
 def _mesh(devices):
