@@ -247,12 +247,14 @@ def _auto_check(backend, keras, template, numpy, data) -> dict:
         import torch
 
         def peak_of(micro):
+            """Bytes a fit of a fresh model adds at its peak, over what was allocated."""
             model = _accumulation_model(keras, template)
             torch.cuda.empty_cache()
+            base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
             cbs = [GradientAccumulation(micro)] if micro else []
             model.fit(x, y, batch_size=32, epochs=1, verbose=0, callbacks=cbs)
-            return torch.cuda.max_memory_allocated()
+            return torch.cuda.max_memory_allocated() - base
 
         p8, p32 = peak_of(8), peak_of(None)
         plain = _accumulation_model(keras, template)
@@ -260,7 +262,10 @@ def _auto_check(backend, keras, template, numpy, data) -> dict:
         model = _accumulation_model(keras, template)
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.empty_cache()
-        torch.cuda.set_per_process_memory_fraction((p8 + p32) / 2 / total)
+        # The cap: what is allocated now plus half-way between micro-batch 8's and
+        # batch 32's own peaks, so batch 32 runs out and micro-batches of 8 fit.
+        cap = torch.cuda.memory_allocated() + (p8 + p32) / 2
+        torch.cuda.set_per_process_memory_fraction(cap / total)
         callback = GradientAccumulation("auto", memory_budget=10**15, memory_probe=lambda m: 1)
         try:
             model.fit(x, y, batch_size=32, shuffle=False, verbose=0, callbacks=[callback])
@@ -287,6 +292,7 @@ def _auto_check(backend, keras, template, numpy, data) -> dict:
         "auto": "jax planned under the budget",
         "auto_budget_MiB": budget / 2**20,
         "auto_micro": callback.micro_batch_size_,
+        "auto_process_peak_MiB": (_peak_bytes(backend) or 0) / 2**20,
     }
 
 
