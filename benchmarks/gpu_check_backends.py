@@ -49,6 +49,17 @@ GPU = os.environ.get("KP_CHECK_DEVICE", "/gpu:0")
 SECOND = "/cpu:0"
 
 
+def _template(keras, seed=0):
+    """The Conv3D clip classifier every check trains (4 classes, logits)."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input(CLIP)
+    x = keras.layers.Conv3D(8, 3, padding="same", activation="relu")(inputs)
+    x = keras.layers.MaxPooling3D(2)(x)
+    x = keras.layers.Conv3D(16, 3, padding="same", activation="relu")(x)
+    x = keras.layers.GlobalAveragePooling3D()(x)
+    return keras.Model(inputs, keras.layers.Dense(4)(x))
+
+
 def _check(backend: str) -> dict:
     sys.path.insert(0, ROOT)
     import numpy as np
@@ -61,13 +72,7 @@ def _check(backend: str) -> dict:
     result = {"backend": backend, "keras": keras.__version__, "devices": list_devices()}
 
     def template(seed=0):
-        keras.utils.set_random_seed(seed)
-        inputs = keras.Input(CLIP)
-        x = keras.layers.Conv3D(8, 3, padding="same", activation="relu")(inputs)
-        x = keras.layers.MaxPooling3D(2)(x)
-        x = keras.layers.Conv3D(16, 3, padding="same", activation="relu")(x)
-        x = keras.layers.GlobalAveragePooling3D()(x)
-        return keras.Model(inputs, keras.layers.Dense(4)(x))
+        return _template(keras, seed)
 
     def compile_(model):
         model.compile(
@@ -198,24 +203,21 @@ def _accumulation(backend, template, numpy, x, y) -> dict:
 
     out = {}
     data = (np.repeat(x, 40, axis=0), np.repeat(y, 40, axis=0))
+
     # Equivalence: GA(8) at batch 32 against plain batch 32, same weights, 3 batches.
-    plain = _accumulation_model(keras, template)
-    plain.fit(
-        data[0][:96],
-        data[1][:96],
-        batch_size=32,
-        shuffle=False,
-        verbose=0,
-    )
-    ours = _accumulation_model(keras, template)
-    ours.fit(
-        data[0][:96],
-        data[1][:96],
-        batch_size=32,
-        shuffle=False,
-        verbose=0,
-        callbacks=[GradientAccumulation(8)],
-    )
+    def fitted(callbacks):
+        model = _accumulation_model(keras, template)
+        model.fit(
+            data[0][:96],
+            data[1][:96],
+            batch_size=32,
+            shuffle=False,
+            verbose=0,
+            callbacks=callbacks,
+        )
+        return model
+
+    plain, ours = fitted([]), fitted([GradientAccumulation(8)])
     out["ga_weights_max_abs_diff"] = max(
         float(np.abs(numpy(a) - numpy(b)).max())
         for a, b in zip(ours.get_weights(), plain.get_weights(), strict=True)
@@ -303,13 +305,7 @@ def _peak_child(backend: str, name: str) -> dict:
     from keras_parallel._compat import keras
 
     def template(seed=0):
-        keras.utils.set_random_seed(seed)
-        inputs = keras.Input(CLIP)
-        h = keras.layers.Conv3D(8, 3, padding="same", activation="relu")(inputs)
-        h = keras.layers.MaxPooling3D(2)(h)
-        h = keras.layers.Conv3D(16, 3, padding="same", activation="relu")(h)
-        h = keras.layers.GlobalAveragePooling3D()(h)
-        return keras.Model(inputs, keras.layers.Dense(4)(h))
+        return _template(keras, seed)
 
     rng = np.random.default_rng(0)
     data = (rng.normal(size=(64, *CLIP)).astype("float32"), rng.integers(0, 4, size=(64,)))
