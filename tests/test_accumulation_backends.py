@@ -295,3 +295,27 @@ def test_jax_batch_end_callbacks_run_in_the_training_thread():
 
     _train(_model(), keras.optimizers.SGD(0.1), [GradientAccumulation(4), Recorder()], epochs=1)
     assert in_main_thread and all(in_main_thread)
+
+
+def test_run_eagerly_equals_plain_fit():
+    # Nothing compiled (no tf.function, no jax.jit): the same update.
+    models = []
+    for callbacks in ([], [GradientAccumulation(5)]):
+        model = _model()
+        model.compile(
+            keras.optimizers.Adam(0.01),
+            keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            run_eagerly=True,
+        )
+        model.fit(
+            X,
+            Y,
+            sample_weight=SW,
+            batch_size=16,
+            epochs=1,
+            shuffle=False,
+            verbose=0,
+            callbacks=callbacks,
+        )
+        models.append(model)
+    assert_weights_close(models[1].get_weights(), models[0].get_weights())
