@@ -233,11 +233,7 @@ class GradientAccumulation(keras.callbacks.Callback):
         rows = train_function.local_batch_rows(data)
         micro = self._micro_batch_size_for(data, rows, train_function)
         out_of_memory = _backend.accumulation.OUT_OF_MEMORY_ERRORS
-        retries = (
-            self.micro_batch_size == _AUTO
-            and bool(out_of_memory)
-            and getattr(train_function, "retries_are_safe", True)
-        )
+        retries = self.micro_batch_size == _AUTO and train_function.retries_are_safe
         while True:
             saved = train_function.snapshot_state() if retries else None
             try:
@@ -256,9 +252,8 @@ class GradientAccumulation(keras.callbacks.Callback):
         rows_per_device = -(-rows // replicas_n) if rows else 0
         if self.micro_batch_size_ is None:
             planned = self._plan(data, max(1, rows_per_device), train_function)
-            agree = getattr(train_function, "agree_on_size", None)
             # Several workers (MultiWorkerMirroredStrategy) run the smallest plan.
-            self.micro_batch_size_ = agree(planned) if agree is not None else planned
+            self.micro_batch_size_ = train_function.agree_on_size(planned)
         micro = self.micro_batch_size_
         if (
             self._has_batch_normalization

@@ -109,6 +109,14 @@ class TrainFunctionSwitch:
         self._history = None  # model.history of the fit that installed this function
         self._armed = False
 
+    #: Whether a step that ran out of memory before its update may be undone and
+    #: redone (the backend can recover in-process, and no other worker waits on it).
+    retries_are_safe = True
+
+    def agree_on_size(self, size: int) -> int:
+        """The micro-batch size every worker runs: `size` itself with one worker."""
+        return size
+
     def build_optimizer(self) -> None:
         """Builds the optimizer's slots now, if they are not yet.
 

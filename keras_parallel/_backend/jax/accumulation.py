@@ -215,6 +215,9 @@ class AccumulatingTrainFunction(TrainFunctionSwitch):
     def restore_state(self, saved) -> None:
         self._state = saved
 
+    #: An out-of-memory error cannot be undone in-process on JAX (module docstring).
+    retries_are_safe = False
+
     def update_began(self) -> bool:
         """Never asked on JAX: no out-of-memory error is retried."""
         return True
