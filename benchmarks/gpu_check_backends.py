@@ -135,9 +135,58 @@ def _check(backend: str) -> dict:
     result["samples_per_s"] = medians
     result["dp1_over_bare"] = medians["dp1"] / medians["bare"]
 
+    if backend == "torch" and GPU != SECOND:
+        result.update(_speed_split(keras, template, compile_, data))
     result.update(_accumulation(backend, template, numpy, x, y))
     result["tensorflow_imported"] = "tensorflow" in sys.modules
     return result
+
+
+SPEED_BATCH = 32
+FIXED_SPLITS = ([1, 1], [3, 1], [7, 1], [15, 1], [31, 1])
+
+
+def _speed_split(keras, template, compile_, data) -> dict:
+    """torch, the GPU and the CPU as two devices: split="speed" against fixed ratios.
+
+    Global batch 32, interleaved repeats, medians; the GPU alone is shown too
+    (the best a split can do when the CPU only slows the step down).
+    """
+    import keras_parallel
+
+    def rate(model, steps):
+        start = time.perf_counter()
+        model.fit(*data, batch_size=SPEED_BATCH, steps_per_epoch=steps, epochs=1, verbose=0)
+        return steps * SPEED_BATCH / (time.perf_counter() - start)
+
+    start = time.perf_counter()
+    speed = keras_parallel.DataParallel(template(), devices=[GPU, SECOND], split="speed")
+    chosen = keras_parallel.replicas(speed)
+    out = {
+        "speed_ratios": [round(r, 3) for r in chosen.ratios],
+        "speed_rows_at_32": chosen.slice_sizes(SPEED_BATCH),
+        "speed_figures": chosen.split_figures,
+        "speed_measure_s": time.perf_counter() - start,
+    }
+    models = {"speed": compile_(speed), "gpu_alone": compile_(template())}
+    for ratios in FIXED_SPLITS:
+        models[str(ratios)] = compile_(
+            keras_parallel.DataParallel(template(), devices=[GPU, SECOND], split=ratios)
+        )
+    steps = max(2, STEPS // 10)
+    for model in models.values():
+        rate(model, 2)
+    rates = {name: [] for name in models}
+    for _ in range(3):
+        for name, model in models.items():
+            rates[name].append(rate(model, steps))
+    medians = {name: statistics.median(r) for name, r in rates.items()}
+    best = max((n for n in medians if n.startswith("[")), key=medians.get)
+    out["speed_samples_per_s"] = medians
+    out["speed_best_fixed"] = best
+    out["speed_over_best_fixed"] = medians["speed"] / medians[best]
+    out["speed_over_gpu_alone"] = medians["speed"] / medians["gpu_alone"]
+    return out
 
 
 ACCUMULATION = {  # name: (batch_size, GradientAccumulation micro-batch, Keras steps)
@@ -342,6 +391,7 @@ def main(argv=None) -> int:
     results = []
     for backend in args.backend or ["jax", "torch"]:
         result = child(backend)
+        print(f"RESULT {backend} " + json.dumps(result), flush=True)
         if result is None:
             results.append({"backend": backend, "failed": True})
             continue
@@ -382,6 +432,17 @@ def main(argv=None) -> int:
                 f"{s['plain_b8']:.0f} | {r['ga_over_keras_ga']:.3f} | {r['ga_over_plain_b8']:.3f}"
                 f" | {'n/a' if peak is None else f'{peak:.3f}'} | "
                 f"{r['ga_weights_max_abs_diff']:.1e} |"
+            )
+    for r in results:
+        if "speed_samples_per_s" in r:
+            print(
+                f"\n{r['backend']} GPU + CPU, batch {SPEED_BATCH}: split='speed' chose "
+                f"{r['speed_ratios']} (rows {r['speed_rows_at_32']}, measured in "
+                f"{r['speed_measure_s']:.1f} s); samples/s "
+                + ", ".join(f"{k} {v:.0f}" for k, v in r["speed_samples_per_s"].items())
+                + f"; speed / best fixed ({r['speed_best_fixed']}) "
+                f"{r['speed_over_best_fixed']:.3f}; speed / GPU alone "
+                f"{r['speed_over_gpu_alone']:.3f}"
             )
     for r in results:
         auto = {k: v for k, v in r.items() if k.startswith("auto")}
