@@ -18,14 +18,25 @@ class DeviceProbe:
     Replace it (or subclass it) to inject figures, e.g. in tests or to reuse
     figures measured elsewhere.
 
+    `split="speed"` times a forward and backward pass of a generated batch on
+    each device, starting at `speed_batch_size` rows and doubling the rows while
+    that still raises the device's samples/s by a quarter or more (a GPU at a
+    few rows waits on its kernel launches, not on its arithmetic, and would look
+    as slow as a CPU), up to `speed_max_batch_size`. Each device is weighed by
+    its best rate. A size that runs out of memory ends the growth (the largest
+    size that fitted counts); when even the first size does not fit, the rows
+    are halved down to 1.
+
     Args:
-        speed_batch_size: int. Rows of the generated batch timed per device
-            for `split="speed"`. Defaults to `4`.
-        speed_repeats: int. Timed passes per device (the median counts).
+        speed_batch_size: int. Rows of the first batch timed per device for
+            `split="speed"`. Defaults to `4`.
+        speed_repeats: int. Timed passes per size (the median counts).
             Defaults to `3`.
+        speed_max_batch_size: int. The most rows timed per device. Defaults to `64`.
 
     Raises:
-        ValueError: if `speed_batch_size` or `speed_repeats` is not a positive int.
+        ValueError: if `speed_batch_size`, `speed_repeats` or
+            `speed_max_batch_size` is not a positive int.
 
     Example:
 
@@ -44,12 +55,16 @@ class DeviceProbe:
 
     speed_batch_size: int = 4
     speed_repeats: int = 3
+    speed_max_batch_size: int = 64
 
     def __post_init__(self):
         self.speed_batch_size = _validation.validate_positive_int(
             self.speed_batch_size, "speed_batch_size"
         )
         self.speed_repeats = _validation.validate_positive_int(self.speed_repeats, "speed_repeats")
+        self.speed_max_batch_size = _validation.validate_positive_int(
+            self.speed_max_batch_size, "speed_max_batch_size"
+        )
 
     def memory_limit(self, device: str) -> int | None:
         """Usable bytes on `device`, or None when unknown (a CPU)."""
@@ -58,12 +73,35 @@ class DeviceProbe:
     def throughput(self, model, device: str) -> float:
         """Samples/s of a forward and backward pass of `model` on `device`.
 
-        Measured on the TensorFlow, JAX and torch backends (the model is left
-        unchanged); on another backend NotImplementedError.
+        The best rate over the sizes tried (see the class docstring). Measured
+        on the TensorFlow, JAX and torch backends (the model is left unchanged);
+        on another backend NotImplementedError.
         """
-        return _backend.probes.measure_throughput(
-            model, device, batch_size=self.speed_batch_size, repeats=self.speed_repeats
-        )
+        out_of_memory = _backend.accumulation.OUT_OF_MEMORY_ERRORS
+        rows, ceiling, rate = self.speed_batch_size, self.speed_max_batch_size, None
+        while True:
+            try:
+                measured = _backend.probes.measure_throughput(
+                    model, device, batch_size=rows, repeats=self.speed_repeats
+                )
+            except out_of_memory:
+                if rate is not None:
+                    return rate  # the largest size that fitted
+                if rows == 1:
+                    raise
+                rows = ceiling = rows // 2
+                continue
+            if rate is not None and measured < _BUSY_GAIN * rate:
+                return max(rate, measured)  # more rows no longer pay: the device is busy
+            rate = measured
+            if rows * 2 > ceiling:
+                return rate
+            rows *= 2
+
+
+#: Doubling the rows must raise samples/s by this factor for the probe to go on:
+#: below it the device's time grows with the rows (it is computing, not waiting).
+_BUSY_GAIN = 1.25
 
 
 def _normalise(values: Sequence[float]) -> list[float]:

@@ -57,6 +57,71 @@ def test_throughput_is_positive_and_leaves_the_model_unchanged():
         np.testing.assert_array_equal(a, b)
 
 
+def _out_of_memory():
+    """The backend's own out-of-memory error (TensorFlow's takes node, op, message)."""
+    error = _backend.accumulation.OUT_OF_MEMORY_ERRORS[0]
+    try:
+        return error("out of memory")
+    except TypeError:
+        return error(None, None, "out of memory")
+
+
+class _Device:
+    """A device whose pass of `rows` rows takes `launch + rows * per_row` seconds."""
+
+    def __init__(self, launch, per_row, fits=None):
+        self.launch, self.per_row, self.fits, self.sizes = launch, per_row, fits, []
+
+    def __call__(self, model, device, batch_size, repeats):
+        self.sizes.append(batch_size)
+        if self.fits is not None and batch_size > self.fits:
+            raise _out_of_memory()
+        return batch_size / (self.launch + batch_size * self.per_row)
+
+
+def test_speed_probe_grows_the_rows_until_the_device_is_busy(monkeypatch):
+    """A launch-bound GPU at 4 rows must not look as slow as a CPU."""
+    gpu, cpu = _Device(launch=4e-3, per_row=1e-4), _Device(launch=1e-4, per_row=2.5e-3)
+    probe = DeviceProbe(speed_batch_size=4, speed_repeats=1)
+    monkeypatch.setattr(_backend.probes, "measure_throughput", gpu)
+    gpu_rate = probe.throughput(None, "gpu")
+    monkeypatch.setattr(_backend.probes, "measure_throughput", cpu)
+    cpu_rate = probe.throughput(None, "cpu")
+    assert gpu.sizes == [4, 8, 16, 32, 64]  # each doubling still paid a quarter or more
+    assert cpu.sizes == [4, 8]  # busy from the start: one doubling shows it
+    assert gpu_rate == pytest.approx(64 / (4e-3 + 64e-4))
+    assert gpu_rate / cpu_rate > 15  # at 4 rows both would read ~400-1000 samples/s
+    big = _Device(launch=4e-3, per_row=1e-4)
+    monkeypatch.setattr(_backend.probes, "measure_throughput", big)
+    DeviceProbe(speed_batch_size=4, speed_repeats=1, speed_max_batch_size=16).throughput(None, "g")
+    assert big.sizes == [4, 8, 16]
+
+
+@pytest.mark.skipif(
+    not _backend.accumulation.OUT_OF_MEMORY_ERRORS, reason="no out-of-memory error on this backend"
+)
+def test_speed_probe_stops_growing_at_out_of_memory_and_shrinks_a_first_size_too_big(monkeypatch):
+    probe = DeviceProbe(speed_batch_size=4, speed_repeats=1)
+    grows = _Device(launch=4e-3, per_row=1e-4, fits=16)
+    monkeypatch.setattr(_backend.probes, "measure_throughput", grows)
+    assert probe.throughput(None, "gpu") == pytest.approx(16 / (4e-3 + 16e-4))
+    assert grows.sizes == [4, 8, 16, 32]
+    small = _Device(launch=4e-3, per_row=1e-4, fits=1)  # two clips do not fit: one does
+    monkeypatch.setattr(_backend.probes, "measure_throughput", small)
+    assert probe.throughput(None, "gpu") == pytest.approx(1 / (4e-3 + 1e-4))
+    assert small.sizes == [4, 2, 1]
+    none = _Device(launch=4e-3, per_row=1e-4, fits=0)
+    monkeypatch.setattr(_backend.probes, "measure_throughput", none)
+    with pytest.raises(_backend.accumulation.OUT_OF_MEMORY_ERRORS):
+        probe.throughput(None, "gpu")
+
+
+@pytest.mark.parametrize("value", [0, True, 2.0])
+def test_speed_max_batch_size_is_checked(value):
+    with pytest.raises(ValueError, match="speed_max_batch_size"):
+        DeviceProbe(speed_max_batch_size=value)
+
+
 def test_split_speed_gives_a_ratio_per_device():
     devices = list_devices("CPU")[:2]
     ratios, figures = keras_parallel.probes.split_ratios(
