@@ -1,53 +1,71 @@
-"""Training speed of DataParallel against one device and against MirroredStrategy.
+"""DataParallel against the physical limit of its devices (a CPU proxy).
 
-One process, the CPU split into 3 logical devices before TensorFlow touches a
-device. For n = 2 and n = 3 devices, three configurations train the same small
-Conv3D video classifier (clips of 8x32x32x3, 4 classes, SGD) from the same
-initial weights on the same global batch:
+Two logical CPU devices stand in for two GPUs. A GPU is a device with its own
+compute; a logical CPU device is not, unless the harness makes it so:
 
-    a  the template on one device (no strategy, no wrapper)
-    b  keras_parallel.DataParallel(template, devices=["/cpu:0", ..., "/cpu:n-1"])
-    c  the template built and compiled under
-       tf.distribute.MirroredStrategy(devices=["/cpu:0", ..., "/cpu:n-1"])
+- TensorFlow's oneDNN kernels are turned off (TF_ENABLE_ONEDNN_OPTS=0, set here
+  before TensorFlow is imported): with oneDNN each convolution takes every core
+  of the machine, so two "devices" fight over the same cores and the figures
+  say nothing about two GPUs (measured: 0.41-0.58x one device);
+- one thread per op (intra-op 1) and two ops at a time (inter-op 2): each device
+  runs one op at a time, on one core, and the two devices can run side by side.
 
-The global batch is `--per-device-batch` x n (8 x 2 = 16 and 8 x 3 = 24 by
-default), so a_n trains on the same batch as b_n and c_n. Every model is built
-and compiled once and warmed up (its first `fit` traces); then every repeat
-times one `fit(steps_per_epoch=--steps)` call of each of the six
-configurations, interleaved (a2 b2 c2 a3 b3 c3), on a pre-built, cached,
-repeating `tf.data` pipeline. Samples/s is steps x global batch / wall time
-from `on_train_begin` to `on_train_end` of that call (`SpanTimer`); the script
-prints the median per configuration, b/a and b/c (ratios of the medians, as
-the goals are stated, and the medians of per-repeat ratios), and the process
-CPU time per sample (all threads), which other processes on the cores
-disturb far less than wall time.
+The physical limit is what two such devices can do at best: 2x the rate of the
+same model on ONE core, measured in a child process (intra-op 1, inter-op 1) at
+the per-device batch (half the global batch). The template alone in this
+process is no limit: with inter-op 2 it already spreads over both cores as the
+batch grows.
 
-The logical devices share the machine's cores, so b/a = 1.0 is the ceiling
-here: the benchmark measures DataParallel's overhead, not a speed-up.
+Configurations, each at global batch 16, 32 and 64 (480 clips an epoch, one
+epoch per timed `fit`), from the same initial weights:
 
-    python benchmarks/data_parallel.py [--repeats 7] [--steps 30] [--quick]
+    one core        the template in the child, per-device batch (the limit is 2x)
+    DataParallel 2  keras_parallel.DataParallel(template, devices=["/cpu:0", "/cpu:1"])
+    Mirrored 2      the template built under tf.distribute.MirroredStrategy (same devices)
+    DataParallel 1  keras_parallel.DataParallel(template, devices=["/cpu:0"])
+    bare            the template alone (what DataParallel over one device is compared with)
+
+Every configuration is warmed up (its first `fit` traces); then each repeat
+times one `fit` of every configuration, interleaved, and the script prints the
+medians, the spread of the repeats ((max - min) / median), the CPU seconds per
+sample (process CPU time of all threads; the child's own for "one core"), and
+the ratios the goals are stated in: DataParallel 2 / limit, DataParallel 2 /
+Mirrored 2, DataParallel 1 / bare.
+
+    python benchmarks/data_parallel.py [--repeats 5] [--batches 16 32 64] [--quick]
     TF_USE_LEGACY_KERAS=1 python benchmarks/data_parallel.py   # tf-keras
+
+What a CPU proxy cannot say about GPUs: kernel launch costs, host-to-device
+copies, peer-to-peer bandwidth and the asynchrony of GPU streams are absent here;
+what it shows is the serial part of a step (Python, slicing, the merge, the
+loss, the gradient sum, the update) against two devices' worth of compute.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 
+# Before TensorFlow is imported (see the module docstring).
+os.environ["TF_ENABLE_ONEDNN_OPTS"] = "0"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+CHILD = "--one-core-child" in sys.argv
+
 import tensorflow as tf  # noqa: E402
 
-# Before anything touches a TensorFlow device: 3 logical CPU devices.
-_LOGICAL_DEVICES = 3
-tf.config.set_logical_device_configuration(
-    tf.config.list_physical_devices("CPU")[0],
-    [tf.config.LogicalDeviceConfiguration()] * _LOGICAL_DEVICES,
-)
+tf.config.threading.set_intra_op_parallelism_threads(1)
+tf.config.threading.set_inter_op_parallelism_threads(1 if CHILD else 2)
+if not CHILD:  # two logical CPU devices, before anything touches a device
+    tf.config.set_logical_device_configuration(
+        tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2
+    )
 
 import numpy as np  # noqa: E402
 
@@ -56,10 +74,13 @@ from keras_parallel._compat import FLAVOUR, keras  # noqa: E402
 
 CLIP = (8, 32, 32, 3)
 CLASSES = 4
+EPOCH = 480  # clips per timed fit
+DEVICES = ["/cpu:0", "/cpu:1"]
+CONFIGS = ("one core", "DataParallel 2", "Mirrored 2", "DataParallel 1", "bare")
 
 
 def build_template():
-    """The small Conv3D video classifier every configuration trains."""
+    """The Conv3D clip classifier every configuration trains."""
     inputs = keras.Input(CLIP, name="clips")
     x = keras.layers.Conv3D(8, 3, padding="same", activation="relu")(inputs)
     x = keras.layers.MaxPooling3D(2)(x)
@@ -69,219 +90,228 @@ def build_template():
     return keras.Model(inputs, outputs, name="video_classifier")
 
 
-def _compile(model):
+def _compiled(model):
     model.compile(
         optimizer=keras.optimizers.SGD(0.01),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
+    return model
 
 
-def make_dataset(batch_size: int, rows: int = 96):
+def _from(weights):
+    model = build_template()
+    model.set_weights(weights)
+    return model
+
+
+def make_dataset(batch_size: int):
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(rows, *CLIP)).astype("float32")
-    y = rng.integers(0, CLASSES, size=(rows,)).astype("int32")
+    x = rng.normal(size=(EPOCH, *CLIP)).astype("float32")
+    y = rng.integers(0, CLASSES, size=(EPOCH,)).astype("int32")
     data = tf.data.Dataset.from_tensor_slices((x, y)).cache().repeat()
     return data.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-
-
-def _mirrored_strategy(devices, key_base: int):
-    """A MirroredStrategy with its default cross-device ops (ring collectives on CPU).
-
-    Two MirroredStrategy objects in one process both number their collective
-    groups from 1, so the second one's all-reduce joins the first one's group
-    and fails ("joining a group with size 3, but that group has size 2").
-    TensorFlow's own tests give each strategy its own base through the class
-    attribute `_collective_key_base`; a subclass does the same here.
-    """
-    strategy_class = type(
-        "MirroredStrategy", (tf.distribute.MirroredStrategy,), {"_collective_key_base": key_base}
-    )
-    return strategy_class(devices=devices)
-
-
-def build_configs(device_counts, per_device_batch: int, initial_weights, merge_device: str):
-    """{name: (model, dataset, global batch)} for a_n, b_n, c_n, n in `device_counts`."""
-    configs = {}
-    for n in device_counts:
-        devices = [f"/cpu:{i}" for i in range(n)]
-        batch = per_device_batch * n
-        data = make_dataset(batch)
-
-        single = build_template()
-        single.set_weights(initial_weights)
-        _compile(single)
-        configs[f"a{n}"] = (single, data, batch)
-
-        template = build_template()
-        template.set_weights(initial_weights)
-        parallel = keras_parallel.DataParallel(template, devices=devices, merge_device=merge_device)
-        _compile(parallel)
-        configs[f"b{n}"] = (parallel, data, batch)
-
-        strategy = _mirrored_strategy(devices, key_base=100 * n)
-        with strategy.scope():
-            mirrored = build_template()
-            mirrored.set_weights(initial_weights)
-            _compile(mirrored)
-        configs[f"c{n}"] = (mirrored, data, batch)
-    return configs
 
 
 class SpanTimer(keras.callbacks.Callback):
     """Wall and process CPU seconds from `on_train_begin` to `on_train_end`.
 
-    The span leaves out what `fit` does before its first callback and after
-    its last (building the epoch iterator, and tearing it down: about 0.5 s on
-    some calls here, whatever the model), so it times the training steps. It
-    has no batch hooks, so it does not change how `fit` dispatches steps.
+    The span leaves out `fit`'s iterator set-up and tear-down, so it times the
+    steps. No batch hooks: it does not change how `fit` dispatches steps.
     """
 
     def on_train_begin(self, logs=None):
-        self.wall = time.perf_counter()
-        self.cpu = time.process_time()
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
 
     def on_train_end(self, logs=None):
         self.wall = time.perf_counter() - self.wall
         self.cpu = time.process_time() - self.cpu
 
 
-def _fit_seconds(model, data, steps: int) -> tuple[float, float]:
-    """(wall, process CPU) seconds of `steps` training steps in one `fit` call."""
+def timed_fit(model, data, batch: int) -> tuple[float, float]:
+    """(samples/s, CPU seconds per sample) of one epoch of `EPOCH` clips."""
     timer = SpanTimer()
-    model.fit(data, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=[timer])
-    return timer.wall, timer.cpu
+    steps = EPOCH // batch
+    model.fit(data, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=[timer], shuffle=False)
+    return steps * batch / timer.wall, timer.cpu / (steps * batch)
 
 
-def benchmark(
-    repeats: int,
-    steps: int,
-    warmup_steps: int,
-    device_counts,
-    per_device_batch: int,
-    merge_device: str = "cpu",
-) -> dict:
+def child_main() -> int:
+    """The one-core model: reads "BATCH" lines, answers one JSON line each."""
     keras.utils.set_random_seed(0)
-    initial_weights = build_template().get_weights()
-    configs = build_configs(device_counts, per_device_batch, initial_weights, merge_device)
-    for model, data, _ in configs.values():  # the first fit traces
-        _fit_seconds(model, data, warmup_steps)
-    rates = {name: [] for name in configs}
-    cpu_ms = {name: [] for name in configs}
-    for _ in range(repeats):
-        for name, (model, data, batch) in configs.items():  # interleaved
-            wall, cpu = _fit_seconds(model, data, steps)
-            rates[name].append(steps * batch / wall)
-            cpu_ms[name].append(1000 * cpu / (steps * batch))
+    weights = build_template().get_weights()
+    models, data = {}, {}
+    for line in sys.stdin:
+        batch = int(line)
+        if batch not in models:
+            models[batch], data[batch] = _compiled(_from(weights)), make_dataset(batch)
+            timed_fit(models[batch], data[batch], batch)  # trace, warm up
+        rate, cpu = timed_fit(models[batch], data[batch], batch)
+        print(json.dumps({"rate": rate, "cpu": cpu}), flush=True)
+    return 0
+
+
+class OneCore:
+    """The child process: `measure(batch)` times one epoch there while this one waits."""
+
+    def __init__(self):
+        self.process = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--one-core-child"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def measure(self, batch: int) -> tuple[float, float]:
+        self.process.stdin.write(f"{batch}\n")
+        self.process.stdin.flush()
+        answer = json.loads(self.process.stdout.readline())
+        return answer["rate"], answer["cpu"]
+
+    def close(self):
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+
+def _mirrored_strategy(key_base: int):
+    """A MirroredStrategy over DEVICES (ring collectives on CPU).
+
+    Two MirroredStrategy objects in one process both number their collective
+    groups from 1; TensorFlow's own tests give each its own base through the
+    class attribute `_collective_key_base`, and so does this subclass.
+    """
+    strategy_class = type(
+        "MirroredStrategy", (tf.distribute.MirroredStrategy,), {"_collective_key_base": key_base}
+    )
+    return strategy_class(devices=DEVICES)
+
+
+def build_models(weights) -> dict:
+    strategy = _mirrored_strategy(key_base=100)
+    with strategy.scope():
+        mirrored = _compiled(_from(weights))
     return {
-        "rates": rates,
-        "cpu_ms": {name: statistics.median(c) for name, c in cpu_ms.items()},
-        "medians": {name: statistics.median(r) for name, r in rates.items()},
-        "batches": {name: batch for name, (_, _, batch) in configs.items()},
+        "DataParallel 2": _compiled(keras_parallel.DataParallel(_from(weights), devices=DEVICES)),
+        "Mirrored 2": mirrored,
+        "DataParallel 1": _compiled(keras_parallel.DataParallel(_from(weights), devices=DEVICES[:1])),
+        "bare": _compiled(_from(weights)),
     }
 
 
-def main(argv=None):
+def benchmark(repeats: int, batches) -> dict:
+    keras.utils.set_random_seed(0)
+    weights = build_template().get_weights()
+    models = build_models(weights)
+    data = {b: make_dataset(b) for b in batches}
+    one_core = OneCore()
+    try:
+        for batch in batches:  # the first fit of each shape traces
+            one_core.measure(batch // 2)
+            for model in models.values():
+                timed_fit(model, data[batch], batch)
+        rates = {(c, b): [] for b in batches for c in CONFIGS}
+        cpu = {(c, b): [] for b in batches for c in CONFIGS}
+        for _ in range(repeats):
+            for batch in batches:
+                for config in CONFIGS:  # interleaved
+                    if config == "one core":
+                        rate, seconds = one_core.measure(batch // 2)
+                    else:
+                        rate, seconds = timed_fit(models[config], data[batch], batch)
+                    rates[config, batch].append(rate)
+                    cpu[config, batch].append(seconds)
+    finally:
+        one_core.close()
+    return {"rates": rates, "cpu": cpu}
+
+
+def summary(result, batches) -> dict:
+    """Medians, spreads, CPU s/sample and the goal ratios, per global batch."""
+    rates, cpu = result["rates"], result["cpu"]
+    out = {}
+    for batch in batches:
+        median = {c: statistics.median(rates[c, batch]) for c in CONFIGS}
+        limit = 2 * median["one core"]
+        out[batch] = {
+            "median": median,
+            "spread": {
+                c: (max(rates[c, batch]) - min(rates[c, batch])) / median[c] for c in CONFIGS
+            },
+            "cpu_ms": {c: 1000 * statistics.median(cpu[c, batch]) for c in CONFIGS},
+            "limit": limit,
+            "dp_over_limit": median["DataParallel 2"] / limit,
+            "mirrored_over_limit": median["Mirrored 2"] / limit,
+            "dp_over_mirrored": median["DataParallel 2"] / median["Mirrored 2"],
+            "dp1_over_bare": median["DataParallel 1"] / median["bare"],
+        }
+    return out
+
+
+def main(argv=None) -> int:
+    if CHILD:
+        return child_main()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--steps", type=int, default=30, help="steps per timed fit call")
-    parser.add_argument("--warmup-steps", type=int, default=3)
-    parser.add_argument("--per-device-batch", type=int, default=8)
-    parser.add_argument(
-        "--devices",
-        type=int,
-        nargs="+",
-        default=[2, 3],
-        choices=[2, 3],
-        help="device counts to compare (default: 2 3)",
-    )
-    parser.add_argument(
-        "--merge-device", default="cpu", help="DataParallel merge_device (default: cpu)"
-    )
-    parser.add_argument(
-        "--intra-op",
-        type=int,
-        default=None,
-        help="tf.config.threading intra-op threads (default: TF's)",
-    )
-    parser.add_argument(
-        "--inter-op",
-        type=int,
-        default=None,
-        help="tf.config.threading inter-op threads (default: TF's)",
-    )
-    parser.add_argument("--quick", action="store_true", help="a smoke run: 2 repeats of 5 steps")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batches", type=int, nargs="+", default=[16, 32, 64])
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 2 repeats, batch 16")
+    parser.add_argument("--json", help="also write the raw figures to this file")
     args = parser.parse_args(argv)
     if args.quick:
-        args.repeats, args.steps, args.warmup_steps = 2, 5, 2
-    if args.intra_op is not None:
-        tf.config.threading.set_intra_op_parallelism_threads(args.intra_op)
-    if args.inter_op is not None:
-        tf.config.threading.set_inter_op_parallelism_threads(args.inter_op)
+        args.repeats, args.batches = 2, [16]
+    if any(b % 2 or b > EPOCH for b in args.batches):
+        parser.error(f"--batches: even global batches up to {EPOCH}, got {args.batches}")
 
     load_before = os.getloadavg()
     wall = time.perf_counter()
-    result = benchmark(
-        args.repeats,
-        args.steps,
-        args.warmup_steps,
-        args.devices,
-        args.per_device_batch,
-        args.merge_device,
-    )
+    result = benchmark(args.repeats, args.batches)
     wall = time.perf_counter() - wall
+    table = summary(result, args.batches)
 
-    medians, batches, rates = result["medians"], result["batches"], result["rates"]
     print(
         f"flavour={FLAVOUR} tensorflow={tf.__version__} keras={keras.__version__} "
-        f"cpu cores={os.cpu_count()} logical CPU devices={_LOGICAL_DEVICES}"
-    )
-    print(
-        f"threads: intra-op={tf.config.threading.get_intra_op_parallelism_threads()} "
-        f"inter-op={tf.config.threading.get_inter_op_parallelism_threads()} (0 = TF default)"
-    )
-    print(
-        f"repeats={args.repeats} steps per fit={args.steps} "
-        f"per-device batch={args.per_device_batch} merge_device={args.merge_device}"
+        f"cores={os.cpu_count()} oneDNN off, intra-op 1, inter-op 2 (child: inter-op 1), "
+        f"2 logical CPU devices; {args.repeats} repeats of one {EPOCH}-clip epoch each"
     )
     print()
-    print("| config | devices | global batch | median samples/s | CPU ms/sample | all repeats |")
+    print(
+        "| config | devices | global batch | median samples/s | spread | CPU ms/sample "
+        "| all repeats |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    devices = {"one core": 1, "DataParallel 2": 2, "Mirrored 2": 2, "DataParallel 1": 1, "bare": 1}
+    for batch in args.batches:
+        row = table[batch]
+        for config in CONFIGS:
+            shown = f"{batch} ({batch // 2} in the child)" if config == "one core" else batch
+            runs = " ".join(f"{r:.0f}" for r in result["rates"][config, batch])
+            print(
+                f"| {config} | {devices[config]} | {shown} | {row['median'][config]:.1f} "
+                f"| {100 * row['spread'][config]:.0f}% | {row['cpu_ms'][config]:.2f} | {runs} |"
+            )
+    print()
+    print(
+        "| global batch | physical limit (2 x one core) | DataParallel 2 / limit (goal >= 0.95) "
+        "| Mirrored 2 / limit | DataParallel 2 / Mirrored 2 (goal >= 1.25) "
+        "| DataParallel 1 / bare (goal >= 0.97) |"
+    )
     print("|---|---|---|---|---|---|")
-    labels = {"a": "a: template, one device", "b": "b: DataParallel", "c": "c: MirroredStrategy"}
-    for name, median in medians.items():
-        count = 1 if name[0] == "a" else int(name[1:])
-        runs = " ".join(f"{r:.0f}" for r in rates[name])
+    for batch in args.batches:
+        row = table[batch]
         print(
-            f"| {labels[name[0]]} | {count} | {batches[name]} | {median:.1f} "
-            f"| {result['cpu_ms'][name]:.2f} | {runs} |"
-        )
-    print()
-    print("| devices | b/a (goal >= 1.0) | b/c (goal >= 1.5) |")
-    print("|---|---|---|")
-    for n in args.devices:
-        b_over_a = medians[f"b{n}"] / medians[f"a{n}"]
-        b_over_c = medians[f"b{n}"] / medians[f"c{n}"]
-        print(f"| {n} | {b_over_a:.3f} | {b_over_c:.3f} |")
-    print()
-    print(
-        "Per-repeat ratios (b and its a, c timed back to back; less sensitive to load "
-        "that changes during the run):"
-    )
-    for n in args.devices:
-        paired_a = [b / a for b, a in zip(rates[f"b{n}"], rates[f"a{n}"], strict=True)]
-        paired_c = [b / c for b, c in zip(rates[f"b{n}"], rates[f"c{n}"], strict=True)]
-        print(
-            f"  {n} devices: median b/a {statistics.median(paired_a):.3f} "
-            f"[{' '.join(f'{r:.2f}' for r in paired_a)}], "
-            f"median b/c {statistics.median(paired_c):.3f} "
-            f"[{' '.join(f'{r:.2f}' for r in paired_c)}]"
+            f"| {batch} | {row['limit']:.1f} | {row['dp_over_limit']:.3f} "
+            f"| {row['mirrored_over_limit']:.3f} | {row['dp_over_mirrored']:.3f} "
+            f"| {row['dp1_over_bare']:.3f} |"
         )
     print()
     print(
-        f"run time (build, warm-up, timing): {wall:.0f} s; load average before "
-        f"{load_before[0]:.2f}, after {os.getloadavg()[0]:.2f} (1 min; other processes "
-        "on these cores bias every figure)"
+        f"run time {wall:.0f} s; load average before {load_before[0]:.2f}, after "
+        f"{os.getloadavg()[0]:.2f} (1 min; other processes on these cores bias every figure)"
     )
+    if args.json:
+        with open(args.json, "w") as f:
+            raw = {f"{c} @ {b}": v for (c, b), v in result["rates"].items()}
+            json.dump({"rates": raw, "summary": {str(b): v for b, v in table.items()}}, f, indent=1)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
