@@ -189,10 +189,11 @@ def build_models(weights) -> dict:
     strategy = _mirrored_strategy(key_base=100)
     with strategy.scope():
         mirrored = _compiled(_from(weights))
+    dp = keras_parallel.DataParallel
     return {
-        "DataParallel 2": _compiled(keras_parallel.DataParallel(_from(weights), devices=DEVICES)),
+        "DataParallel 2": _compiled(dp(_from(weights), devices=DEVICES)),
         "Mirrored 2": mirrored,
-        "DataParallel 1": _compiled(keras_parallel.DataParallel(_from(weights), devices=DEVICES[:1])),
+        "DataParallel 1": _compiled(dp(_from(weights), devices=DEVICES[:1])),
         "bare": _compiled(_from(weights)),
     }
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import warnings
 
+from keras_parallel import _backend
 from keras_parallel._compat import IS_KERAS_3, backend_name, keras, register
 from keras_parallel._warnings import warn
 from keras_parallel.layers.parallel_replicas import ParallelReplicas
@@ -56,6 +57,26 @@ class ParallelModel(keras.Model):
 
         def __init__(self, inputs, outputs, name=None, trainable=True, **kwargs):
             super().__init__(inputs, outputs, name=name, trainable=trainable, **kwargs)
+
+    def call(self, inputs, training=None, mask=None, **kwargs):
+        """The functional graph; over one device on an eager backend, the template directly.
+
+        Where `fit` runs the model's Python on every step (torch), the graph's own
+        layers (this model's graph, the `ParallelReplicas` layer, the renaming
+        `Identity` layers) cost time every step with nothing to cut or merge; over
+        one device this calls the replicas layer's `call` straight away, which
+        calls the template on its device. The outputs are the same tensors.
+        """
+        core = self._one_device_core()
+        if core is None or mask is not None or kwargs:
+            return super().call(inputs, training=training, mask=mask, **kwargs)
+        return core.call(inputs, training=training)
+
+    def _one_device_core(self) -> ParallelReplicas | None:
+        if not _backend.devices.EAGER_STEPS:
+            return None
+        core = self._replicas_layer()
+        return core if core is not None and core.num_replicas == 1 else None
 
     def _replicas_layer(self) -> ParallelReplicas | None:
         for layer in self.layers:

@@ -12,12 +12,18 @@ import re
 from keras_parallel._compat import backend_name, keras
 
 __all__ = [
+    "EAGER_STEPS",
     "canonical_device_name",
     "computed_rows",
     "device_scope",
     "list_devices",
     "split_cpu",
 ]
+
+#: Whether `fit` runs the model's Python on every step (no traced or compiled
+#: step): then each layer call costs every step, and DataParallel over one device
+#: skips its own layers (see `ParallelModel.call`).
+EAGER_STEPS = False
 
 _DEVICE_RE = re.compile(
     r"^(?:/job:[^/]+)?(?:/replica:\d+)?(?:/task:\d+)?/?(?:device:)?"

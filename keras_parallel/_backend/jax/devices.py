@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from keras_parallel._backend.common import devices as _common
-from keras_parallel._backend.common.devices import list_devices
+from keras_parallel._backend.common.devices import EAGER_STEPS, list_devices
 from keras_parallel._compat import keras
 
 __all__ = [
+    "EAGER_STEPS",
     "backend_device_name",
     "computed_rows",
     "device_scope",

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from keras_parallel._backend.common.devices import computed_rows
+from keras_parallel._backend.common.devices import EAGER_STEPS, computed_rows
 
 __all__ = [
+    "EAGER_STEPS",
     "computed_rows",
     "device_scope",
     "list_devices",

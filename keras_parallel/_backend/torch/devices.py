@@ -14,12 +14,16 @@ from keras_parallel._backend.common.devices import computed_rows
 from keras_parallel._compat import keras
 
 __all__ = [
+    "EAGER_STEPS",
     "backend_device_name",
     "computed_rows",
     "device_scope",
     "list_devices",
     "split_cpu",
 ]
+
+#: torch runs `fit`'s steps eagerly: the model's Python runs on every step.
+EAGER_STEPS = True
 
 
 def list_devices(device_type: str | None = None) -> list[str]:
