@@ -319,3 +319,50 @@ def test_run_eagerly_equals_plain_fit():
         )
         models.append(model)
     assert_weights_close(models[1].get_weights(), models[0].get_weights())
+
+
+@pytest.mark.skipif(backend_name() != "jax", reason="XLA compilations of the jitted step: JAX")
+def test_jax_compiles_no_more_programs_than_plain_fit():
+    # One program per batch: the micro-batches, the last shorter one and the update
+    # compiled together, once per batch shape (here 16 and the last 6), as plain
+    # fit's train step. Separate programs for them (several dispatches a batch)
+    # compile more.
+    import jax
+
+    monitoring = jax.monitoring
+    if not hasattr(monitoring, "unregister_event_duration_listener"):
+        pytest.skip("jax.monitoring cannot unregister a listener in this JAX")
+    compiled = []
+
+    def listener(event, seconds, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(event)
+
+    counts = []
+    monitoring.register_event_duration_secs_listener(listener)
+    try:
+        for callbacks in ([], [GradientAccumulation(5)]):
+            model = _model()
+            model.compile(
+                keras.optimizers.Adam(0.01),
+                keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                metrics=["sparse_categorical_accuracy"],
+            )
+            # A first fit: what Keras compiles once per model (building the optimizer).
+            model.fit(X[:2], Y[:2], batch_size=2, verbose=0, callbacks=callbacks)
+            del compiled[:]
+            model.fit(
+                X,
+                Y,
+                sample_weight=SW,
+                batch_size=16,
+                epochs=2,
+                shuffle=False,
+                verbose=0,
+                callbacks=callbacks,
+            )
+            counts.append(len(compiled))
+    finally:
+        monitoring.unregister_event_duration_listener(listener)
+    plain, accumulated = counts
+    assert 1 <= accumulated <= plain, counts

@@ -2,26 +2,44 @@
 
 Keras's JAX `fit` calls ``model.train_function(state, iterator)`` with the whole
 training state (trainable, non-trainable, optimizer and metric variables) and takes
-the new state back. `AccumulatingTrainFunction` stands in for it for one `fit`. Per
-batch:
+the new state back. `AccumulatingTrainFunction` stands in for it for one `fit`.
+Each batch runs ONE jitted program (`_batch_step`, compiled once per batch shape
+and micro-batch size, the state's buffers donated as in Keras's own step):
 
-1. the batch's rows are cut into micro-batches of ``rows_per_step`` rows; each runs
-   one jitted *micro step* (`model.compute_loss_and_updates` under
-   `jax.value_and_grad`: forward, compiled loss, backward) whose gradients,
-   weighted by the micro-batch's share of the batch (``rows / batch``), are added to
-   an accumulator. The micro steps run one after another, so only one
-   micro-batch's activations are alive; the accumulator's buffers are donated and
-   reused. At most two shapes are compiled per batch size: the micro-batch, and the
-   last, shorter one;
-2. one jitted *update* applies the summed gradients with
-   `optimizer.stateless_apply` (one update: `iterations`, schedules, clipping,
-   weight decay and loss-scale checks happen once) and updates the loss tracker
-   and the metrics once, on the whole batch's concatenated predictions.
+1. a `jax.lax.scan` over the batch's equal micro-batches of ``rows_per_step``
+   rows, each sliced in the program (`jax.lax.dynamic_slice_in_dim`): the *micro
+   step* (`model.compute_loss_and_updates` under `jax.value_and_grad`: forward,
+   compiled loss, backward) adds its gradients, weighted by the micro-batch's
+   share of the batch (``rows / batch``), to the gradients in the loop's carry,
+   with the non-trainable state (BatchNormalization's moving statistics, seeds)
+   and the metric variables passed on from one micro-batch to the next; the
+   losses and predictions come out stacked. Then the last, shorter micro-batch,
+   if the batch does not divide (its rows are known when tracing);
+2. the update: `optimizer.stateless_apply` of the summed gradients (one update:
+   `iterations`, schedules, clipping, weight decay and loss-scale checks happen
+   once), and the loss tracker and the metrics updated once, on the whole
+   batch's concatenated predictions.
+
+A loop and not a Python `for` over the micro-batches: unrolled, the trace would
+hold every micro-batch's forward and backward, and XLA, free to schedule them
+together, could keep several micro-batches' activations alive at once (and
+compile for as long as there are micro-batches). The body of a loop is one
+micro-batch, run one after another: only one micro-batch's activations are
+alive, which is the point of accumulating. One program per batch also keeps the
+per-batch cost to one dispatch (the micro steps, the slicing and the update were
+each a dispatch of their own, with every variable an argument, which made
+accumulation slower than Keras's own on a GPU). On XLA's CPU backend a loop's
+body runs its elementwise work on one thread (only the program's top level is
+split over the cores), so there the loop costs some speed (about a fifth on the
+Conv3D check of benchmarks/gpu_check_backends.py --small).
+
+With `run_eagerly=True` (or `jit_compile=False`) the same functions run
+unjitted, the loop in Python.
 
 Running out of memory cannot be undone in-process on JAX (the device may be left
-unusable, and the state handed in is donated by Keras's own step), so there is
-no retry: `OUT_OF_MEMORY_ERRORS` is empty and `"auto"` plans from XLA's memory
-analysis of the compiled micro step (`make_probe`), which runs nothing.
+unusable, and the state handed in is donated), so there is no retry:
+`OUT_OF_MEMORY_ERRORS` is empty and `"auto"` plans from XLA's memory analysis of
+the micro step compiled on its own (`make_probe`), which runs nothing.
 """
 
 from __future__ import annotations
@@ -47,10 +65,10 @@ OUT_OF_MEMORY_ERRORS: tuple[type[BaseException], ...] = ()
 
 #: Whether Keras must call the batch-end callbacks in the training thread. On
 #: JAX, Keras converts each batch's logs in a thread pool while the training
-#: thread dispatches the next step; with the accumulating step's several
-#: programs over several host (CPU) devices, that race hung XLA's CPU runtime
-#: (devices waiting in a rendezvous) at an epoch's end. Synchronous callbacks
-#: cost little: the logs of one batch, not of each micro-batch.
+#: thread dispatches the next step; with the accumulating step over several
+#: host (CPU) devices (then several programs a batch), that race hung XLA's CPU
+#: runtime (devices waiting in a rendezvous) at an epoch's end. Synchronous
+#: callbacks cost little: the logs of one batch, not of each micro-batch.
 SYNCHRONOUS_BATCH_END = True
 
 #: Whether asking the probe costs no device memory (the probe compiles the step and runs nothing).
@@ -78,8 +96,25 @@ def _rows(structure) -> int:
     return int(leaves[0].shape[0])
 
 
-def _slice_rows(structure, start: int, stop: int):
-    return jax.tree_util.tree_map(lambda t: t[start:stop], structure)
+def _slice_rows(structure, start, rows: int):
+    """`rows` rows of `structure` from `start` (an int, or a traced index in a loop)."""
+    return jax.tree_util.tree_map(
+        lambda t: jax.lax.dynamic_slice_in_dim(t, start, rows, axis=0), structure
+    )
+
+
+def _python_scan(body, carry, xs):
+    """`jax.lax.scan` as a Python loop (a step that runs eagerly compiles nothing)."""
+    outputs = []
+    for x in xs:
+        carry, y = body(carry, x)
+        outputs.append(y)
+    return carry, jax.tree_util.tree_map(lambda *ys: jnp.stack(ys), *outputs)
+
+
+def _like(new, old):
+    """`new` in `old`'s dtypes: a loop's carry keeps its types from one micro-batch to the next."""
+    return jax.tree_util.tree_map(lambda n, o: jnp.asarray(n, o.dtype), new, old)
 
 
 def _spec(structure, rows: int):
@@ -100,19 +135,20 @@ class AccumulatingTrainFunction(TrainFunctionSwitch):
         super().__init__(model, run_batch, num_replicas)
         self._tracker = loss_tracker(model)
         self._state = None
-        jit = not model.run_eagerly and model.jit_compile
-        self._micro = jax.jit(self._micro_step, donate_argnums=0) if jit else self._micro_step
-        self._update = (
-            jax.jit(self._update_step, donate_argnums=(0, 1)) if jit else self._update_step
+        self._jit = not model.run_eagerly and model.jit_compile
+        # One program per batch: compiled once per batch shape and micro-batch size
+        # (static), the state's buffers donated (the new state takes their place).
+        self._batch = (
+            jax.jit(self._batch_step, static_argnums=2, donate_argnums=0)
+            if self._jit
+            else self._batch_step
         )
+        # The micro step alone, compiled only for the "auto" probe's memory analysis.
         self._probe_micro = jax.jit(self._micro_step)
 
     # ---------------------------------------------------------------- the steps
-    def _micro_step(self, accumulated, trainable, non_trainable, metrics, optimizer, data, share):
-        """Forward and backward on one micro-batch: adds ``share * (gradients, loss)``.
-
-        `accumulated` is ``(gradients, loss)`` so far, or None for the first micro-batch.
-        """
+    def _micro_step(self, trainable, non_trainable, metrics, optimizer, data, share):
+        """Forward and backward on one micro-batch: ``share * (gradients, loss)`` and the state."""
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         grad_fn = jax.value_and_grad(self.model.compute_loss_and_updates, has_aux=True)
         (_, aux), grads = grad_fn(
@@ -128,19 +164,12 @@ class AccumulatingTrainFunction(TrainFunctionSwitch):
         unscaled_loss, y_pred, non_trainable, metrics = aux
         grads = [g * share.astype(g.dtype) for g in grads]
         loss = unscaled_loss * share.astype(unscaled_loss.dtype)
-        if accumulated is not None:
-            grads = [a + g for a, g in zip(accumulated[0], grads, strict=True)]
-            loss = accumulated[1] + loss
         return (grads, loss), y_pred, non_trainable, metrics
 
-    def _update_step(self, trainable, optimizer, metrics, accumulated, data, predictions):
+    def _update_step(self, trainable, optimizer, metrics, accumulated, data, y_pred):
         """The one update of the batch, then the loss tracker and metrics on the whole batch."""
         model = self.model
         grads, loss = accumulated
-        if len(predictions) == 1:
-            y_pred = predictions[0]
-        else:  # the micro-batches' predictions, concatenated in the compiled update
-            y_pred = jax.tree_util.tree_map(lambda *p: jnp.concatenate(p), *predictions)
         trainable, optimizer = model.optimizer.stateless_apply(optimizer, grads, trainable)
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         mapping = list(zip(model.metrics_variables, metrics, strict=True))
@@ -153,6 +182,62 @@ class AccumulatingTrainFunction(TrainFunctionSwitch):
             new = scope.get_current_value(variable)
             metrics.append(value if new is None else new)
         return logs, trainable, optimizer, metrics
+
+    def _batch_step(self, state, data, rows_per_step: int):
+        """One batch: the micro steps in a loop, the last shorter one, then the update.
+
+        Returns ``(logs, new state)``. `rows_per_step` is static: the loop's length
+        and the last micro-batch's rows follow from it and the batch's rows.
+        """
+        trainable, non_trainable, optimizer, metrics = state
+        rows = self.local_batch_rows(data)
+        loops, rest = divmod(rows, rows_per_step)
+
+        def micro(carry, start, size, share):
+            grads, non_trainable, metrics = carry
+            (new_grads, loss), y_pred, new_non_trainable, new_metrics = self._micro_step(
+                trainable,
+                non_trainable,
+                metrics,
+                optimizer,
+                _slice_rows(data, start, size),
+                np.float32(share),
+            )
+            grads = [a + g for a, g in zip(grads, new_grads, strict=True)]
+            carry = (grads, _like(new_non_trainable, non_trainable), _like(new_metrics, metrics))
+            return carry, (loss, y_pred)
+
+        def body(carry, index):
+            start = index * rows_per_step
+            return micro(carry, start, rows_per_step, rows_per_step / rows)
+
+        carry = ([jnp.zeros_like(v) for v in trainable], non_trainable, metrics)
+        losses, predictions = [], []
+        if loops:
+            scan = jax.lax.scan if self._jit else _python_scan
+            carry, (stacked_loss, stacked_pred) = scan(body, carry, jnp.arange(loops))
+            losses.append(jnp.sum(stacked_loss))
+            predictions.append(
+                jax.tree_util.tree_map(
+                    lambda p: p.reshape((loops * p.shape[1], *p.shape[2:])), stacked_pred
+                )
+            )
+        if rest or not rows:  # the last, shorter micro-batch (an empty batch: itself)
+            carry, (loss, y_pred) = micro(
+                carry, loops * rows_per_step, rest, rest / rows if rows else 1.0
+            )
+            losses.append(loss)
+            predictions.append(y_pred)
+        grads, non_trainable, metrics = carry
+        loss = losses[0] if len(losses) == 1 else losses[0] + losses[1]
+        if len(predictions) == 1:
+            y_pred = predictions[0]
+        else:
+            y_pred = jax.tree_util.tree_map(lambda *p: jnp.concatenate(p), *predictions)
+        logs, trainable, optimizer, metrics = self._update_step(
+            trainable, optimizer, metrics, (grads, loss), data, y_pred
+        )
+        return logs, (trainable, non_trainable, optimizer, metrics)
 
     # ------------------------------------------------------------------ the call
     def __call__(self, state, iterator):
@@ -185,27 +270,8 @@ class AccumulatingTrainFunction(TrainFunctionSwitch):
 
         Returns the step's logs; the new state is what `__call__` hands back to `fit`.
         """
-        trainable, non_trainable, optimizer, metrics = self._state
-        rows = self.local_batch_rows(data)
-        per_step = max(1, self.num_replicas * micro_batch_size)
-        accumulated, predictions = None, []
-        for start in range(0, max(rows, 1), per_step):
-            stop = min(start + per_step, rows)
-            share = np.float32((stop - start) / rows) if rows else np.float32(1.0)
-            accumulated, y_pred, non_trainable, metrics = self._micro(
-                accumulated,
-                trainable,
-                non_trainable,
-                metrics,
-                optimizer,
-                _slice_rows(data, start, stop),
-                share,
-            )
-            predictions.append(y_pred)
-        logs, trainable, optimizer, metrics = self._update(
-            trainable, optimizer, metrics, accumulated, data, predictions
-        )
-        self._state = (trainable, non_trainable, optimizer, metrics)
+        rows_per_step = max(1, self.num_replicas * micro_batch_size)
+        logs, self._state = self._batch(self._state, data, rows_per_step)
         return logs
 
     def snapshot_state(self):
@@ -233,7 +299,6 @@ class AccumulatingTrainFunction(TrainFunctionSwitch):
         def probe(micro_batch_size: int) -> int:
             rows = self.num_replicas * micro_batch_size
             compiled = self._probe_micro.lower(
-                None,
                 trainable,
                 non_trainable,
                 metrics,
