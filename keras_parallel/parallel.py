@@ -125,6 +125,8 @@ def _resolve_split(split, devices: list[str], model, probe) -> tuple[list[float]
                 "(split=[2, 1]) instead.",
             )
             return [1.0] * n, figures
+        if split.lower() == "speed":
+            _warn_if_much_slower(figures)
         return ratios, figures
     ratios = validate_ratios(split, argument="split")
     if len(ratios) != n:
@@ -133,6 +135,25 @@ def _resolve_split(split, devices: list[str], model, probe) -> tuple[list[float]
             f"({n} devices: {devices}). Received: split={list(split)!r}"
         )
     return ratios, None
+
+
+#: split="speed": a device this many times slower than the fastest is named in a
+#: warning (on an H100 with its host's CPU, 17x, the CPU's one row of 32 halved the
+#: step rate of the GPU alone).
+_MUCH_SLOWER = 8.0
+
+
+def _warn_if_much_slower(figures: dict) -> None:
+    fastest = max(figures, key=figures.get)
+    slow = {d: v for d, v in figures.items() if figures[fastest] >= _MUCH_SLOWER * v}
+    if slow:
+        times = ", ".join(f"{d} {figures[fastest] / v:.0f}x" for d, v in slow.items())
+        warn(
+            f"split='speed': {times} slower than {fastest} (samples/s measured: "
+            f"{ {d: round(v, 1) for d, v in figures.items()} }). Every step waits for the "
+            "slowest slice and for the merge, so such a device can cost more than it adds: "
+            f"compare with devices={[d for d in figures if d not in slow]}.",
+        )
 
 
 def _warn_if_unequal(devices: list[str], probe) -> None:

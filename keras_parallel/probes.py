@@ -22,7 +22,8 @@ class DeviceProbe:
     each device, starting at `speed_batch_size` rows and doubling the rows while
     that still raises the device's samples/s by a quarter or more (a GPU at a
     few rows waits on its kernel launches, not on its arithmetic, and would look
-    as slow as a CPU), up to `speed_max_batch_size`. Each device is weighed by
+    as slow as a CPU) or while a pass takes under 10 ms (too short to judge), up
+    to `speed_max_batch_size`. Each device is weighed by
     its best rate. A size that runs out of memory ends the growth (the largest
     size that fitted counts); when even the first size does not fit, the rows
     are halved down to 1.
@@ -91,7 +92,8 @@ class DeviceProbe:
                     raise
                 rows = ceiling = rows // 2
                 continue
-            if rate is not None and measured < _BUSY_GAIN * rate:
+            busy = rows / measured >= _BUSY_SECONDS  # long enough to judge, not noise
+            if rate is not None and measured < _BUSY_GAIN * rate and busy:
                 return max(rate, measured)  # more rows no longer pay: the device is busy
             rate = measured
             if rows * 2 > ceiling:
@@ -102,6 +104,9 @@ class DeviceProbe:
 #: Doubling the rows must raise samples/s by this factor for the probe to go on:
 #: below it the device's time grows with the rows (it is computing, not waiting).
 _BUSY_GAIN = 1.25
+#: ... once a pass takes this long (seconds): shorter passes are dominated by
+#: overheads and timer noise, so the probe grows past them whatever their gain.
+_BUSY_SECONDS = 0.01
 
 
 def _normalise(values: Sequence[float]) -> list[float]:

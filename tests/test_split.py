@@ -58,6 +58,23 @@ def test_speed_split_3x_faster_gives_3_to_1():
     assert keras_parallel.replicas(parallel).ratios == [1.0, 3.0]
 
 
+def test_speed_split_names_a_device_much_slower_than_the_fastest():
+    """The H100 and its host's CPU: 17x slower, and the CPU's slice halved the step rate."""
+    probe = FakeProbe(speed={"/device:CPU:0": 11842.5, "/device:CPU:1": 685.2})
+    with pytest.warns(UserWarning, match=r"/device:CPU:1 17x slower than /device:CPU:0") as seen:
+        parallel = DataParallel(small_model(), devices=CPU2, split="speed", probe=probe)
+    assert "devices=['/device:CPU:0']" in str(seen[0].message)
+    assert keras_parallel.replicas(parallel).ratios == pytest.approx([17.28, 1.0], abs=0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 7x: no warning
+        DataParallel(
+            small_model(),
+            devices=CPU2,
+            split="speed",
+            probe=FakeProbe(speed={"/device:CPU:0": 70.0, "/device:CPU:1": 10.0}),
+        )
+
+
 def test_real_speed_probe_on_cpu_leaves_model_unchanged():
     model = small_model()
     before = [w.copy() for w in model.get_weights()]
