@@ -130,3 +130,35 @@ def test_jax_each_device_computes_its_own_block():
     dots = set(re.findall(r"f32\[(\d+),16\]\{[^}]*\} dot", compiled.as_text()))
     assert dots == {"5"}  # each device: its block of 5 rows, not the padded 15
     np.testing.assert_allclose(_numpy(forward(params, x)), _numpy(template(x)), atol=1e-6)
+
+
+def test_one_device_trains_like_the_template_and_skips_its_layers_where_steps_are_eager(
+    monkeypatch,
+):
+    """Over one device on torch (eager steps) the model's call goes straight to the template:
+    the graph's own layers would cost every step. Same predictions and weights as the template."""
+    from keras_parallel import _backend
+
+    template = mlp()
+    initial = template.get_weights()
+    x, y = data((6,), 12)
+    template.compile(keras.optimizers.SGD(0.05), "mse")
+    expected_predict = template.predict(x, verbose=0)
+    template.fit(x, y, batch_size=4, epochs=2, shuffle=False, verbose=0)
+    expected = template.get_weights()
+    template.set_weights(initial)
+    parallel = DataParallel(template, devices=_cpus()[:1])
+    parallel.compile(keras.optimizers.SGD(0.05), "mse")
+    through_layer = []
+    original = ParallelReplicas.__call__
+
+    def counted(self, *args, **kwargs):
+        through_layer.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ParallelReplicas, "__call__", counted)
+    np.testing.assert_allclose(parallel.predict(x, verbose=0), expected_predict, atol=1e-6)
+    parallel.fit(x, y, batch_size=4, epochs=2, shuffle=False, verbose=0)
+    assert_weights_close(template.get_weights(), expected, rtol=1e-5, atol=1e-6)
+    if _backend.devices.EAGER_STEPS:
+        assert through_layer == []  # 6 steps and a predict, none through the graph's layers
