@@ -67,6 +67,10 @@ def _numpy(value):
 @pytest.mark.parametrize("count, split", [(2, None), (3, [3, 1, 1])])
 @pytest.mark.parametrize("build", [mlp, conv])
 def test_every_batch_size_predicts_and_trains_like_the_template(build, count, split):
+    if build is conv and backend_name() == "tensorflow":
+        # The same model on the same splits, every batch size through direct calls,
+        # predict, evaluate and fit: test_empty_slices.py::test_conv1d_every_batch_size.
+        pytest.skip("on TensorFlow, test_empty_slices.py runs this model on these splits")
     template = build()
     shape = tuple(template.inputs[0].shape)[1:]
     initial = template.get_weights()

@@ -43,75 +43,118 @@ def saved_model(tmp_path_factory):
     return str(path)
 
 
-RUN_MANY = LOAD_MAIN + """
-import contextlib, io, json, sys
+# Runs the command on several argument lists in turn, in one process (each TensorFlow
+# start costs seconds): per list, the exit code, what went to stdout, what went to
+# stderr (Python's and the file descriptor's, where TensorFlow's C++ lines go) and the
+# heavy modules imported by then. The last stdout line is the JSON report.
+RUN_MANY = LOAD_MAIN + (
+    """
+import contextlib, io, json, os, sys, tempfile
 results = []
 for argv in json.loads(sys.argv[1]):
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with tempfile.TemporaryFile() as fd2:
+        saved = os.dup(2)
+        os.dup2(fd2.fileno(), 2)
         try:
-            code = main(argv)
-        except SystemExit as exit:
-            code = exit.code
-    results.append([code, out.getvalue(), err.getvalue()])
-heavy = sorted(m for m in ("tensorflow", "keras", "tf_keras") if m in sys.modules)
-print(json.dumps({"results": results, "heavy": heavy}))
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                try:
+                    code = main(argv)
+                except SystemExit as exit:
+                    code = exit.code
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        fd2.seek(0)
+        c_lines = fd2.read().decode("utf-8", errors="replace")
+    heavy = sorted(m for m in ("tensorflow", "keras", "tf_keras") if m in sys.modules)
+    results.append([code, out.getvalue(), err.getvalue() + c_lines, heavy])
+print(json.dumps(results))
 """
+)
+
+PLAN = ["plan", "MODEL", "--batch-size"]
+
+#: Commands that stop in argparse or at the file check: (argv, exit code, what it says).
+LIGHT = [
+    (["--help"], 0, "devices"),
+    (["plan", "--help"], 0, "--cpus N"),
+    (["demo", "--help"], 0, "--micro-batch-size"),
+    (["devices", "--cpus", "0"], 2, "--cpus: expected a positive integer, got '0'"),
+    ([*PLAN, "0"], 2, "--batch-size: expected a positive integer, got '0'"),
+    ([*PLAN, "2.5"], 2, "--batch-size: expected a positive integer, got '2.5'"),
+    ([*PLAN, "8", "--micro-batch-size", "big"], 2, 'a positive integer or "auto"'),
+    ([*PLAN, "8", "--split", "2,-1"], 2, "--split: expected even, memory, speed, or"),
+    (["plan", "NOPE", "--batch-size", "8"], 3, "no such file"),
+    (["plan", "TEXT", "--batch-size", "8"], 4, "is not a Keras model: a .keras"),
+    (["plan", "H5", "--batch-size", "8"], 4, "is not a Keras model: a .h5"),
+]
+
+#: Commands that start TensorFlow, after the light ones in the same process.
+HEAVY = {
+    "devices": ["devices", "--cpus", "2"],
+    "plan": [*PLAN, "32", "--cpus", "2", "--devices", "/cpu:0", "/cpu:1", "--split", "2,1"]
+    + ["--micro-batch-size", "16"],
+    "zip": ["plan", "ZIP", "--batch-size", "8"],
+}
 
 
-def test_help_and_argument_errors_come_without_importing_tensorflow(saved_model, tmp_path):
-    text_file = tmp_path / "notes.keras"
-    text_file.write_text("not a model")
-    h5_file = tmp_path / "notes.h5"
-    h5_file.write_text("not a model")
-    plan = ["plan", saved_model, "--batch-size"]
-    cases = [
-        (["--help"], 0, "devices"),
-        (["plan", "--help"], 0, "--cpus N"),
-        (["demo", "--help"], 0, "--micro-batch-size"),
-        (["devices", "--cpus", "0"], 2, "--cpus: expected a positive integer, got '0'"),
-        ([*plan, "0"], 2, "--batch-size: expected a positive integer, got '0'"),
-        ([*plan, "2.5"], 2, "--batch-size: expected a positive integer, got '2.5'"),
-        ([*plan, "8", "--micro-batch-size", "big"], 2, 'a positive integer or "auto"'),
-        ([*plan, "8", "--split", "2,-1"], 2, "--split: expected even, memory, speed, or"),
-        (["plan", str(tmp_path / "nope.keras"), "--batch-size", "8"], 3, "no such file"),
-        (["plan", str(text_file), "--batch-size", "8"], 4, "is not a Keras model: a .keras"),
-        (["plan", str(h5_file), "--batch-size", "8"], 4, "is not a Keras model: a .h5"),
-    ]
-    result = subprocess.run(
-        [sys.executable, "-c", RUN_MANY, json.dumps([argv for argv, _, _ in cases])],
+@pytest.fixture(scope="module")
+def one_process(saved_model, tmp_path_factory):
+    """Every command of LIGHT, then of HEAVY, run in one process: {name or index: result}."""
+    import zipfile
+
+    folder = tmp_path_factory.mktemp("cli_files")
+    files = {"MODEL": saved_model, "NOPE": str(folder / "nope.keras")}
+    files["TEXT"] = str(folder / "notes.keras")
+    files["H5"] = str(folder / "notes.h5")
+    for name in ("TEXT", "H5"):
+        with open(files[name], "w") as file:
+            file.write("not a model")
+    files["ZIP"] = str(folder / "archive.keras")
+    with zipfile.ZipFile(files["ZIP"], "w") as archive:
+        archive.writestr("readme.txt", "not a model")
+    argvs = [argv for argv, _, _ in LIGHT] + list(HEAVY.values())
+    argvs = [[files.get(arg, arg) for arg in argv] for argv in argvs]
+    done = subprocess.run(
+        [sys.executable, "-c", RUN_MANY, json.dumps(argvs)],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
         env=user_env(),
     )
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout.splitlines()[-1])
-    for (argv, code, says), (got, out, err) in zip(cases, report["results"], strict=True):
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr == ""  # nothing reached the terminal outside the commands
+    results = json.loads(done.stdout.splitlines()[-1])
+    return dict(enumerate(results[: len(LIGHT)])) | dict(
+        zip(HEAVY, results[len(LIGHT) :], strict=True)
+    )
+
+
+def test_help_and_argument_errors_come_without_importing_tensorflow(one_process):
+    for index, (argv, code, says) in enumerate(LIGHT):
+        got, out, err, heavy = one_process[index]
         assert got == code, (argv, out, err)
         assert says in (out if code == 0 else err), (argv, out, err)
         assert "not found" not in err.lower(), (argv, err)
-    assert report["heavy"] == []
+        assert heavy == [], argv
 
 
-def test_devices_on_a_cpu_split_in_two_prints_the_table_only():
-    result = run_cli("devices", "--cpus", "2")
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
+def test_devices_on_a_cpu_split_in_two_prints_the_table_only(one_process):
+    code, out, err, _ = one_process["devices"]
+    assert code == 0, err
+    lines = out.splitlines()
     assert lines[0].split() == ["device", "kind", "memory", "limit", "MiB"]
     assert [line.split()[0] for line in lines[1:3]] == ["/device:CPU:0", "/device:CPU:1"]
-    assert "split into 2 logical devices" in result.stdout
-    assert "same cores" in result.stdout
-    assert result.stderr == ""  # no TensorFlow start-up lines (cuInit, cudart_stub)
+    assert "split into 2 logical devices" in out
+    assert "same cores" in out
+    assert err == ""  # no TensorFlow start-up lines (cuInit, cudart_stub)
 
 
-def test_plan_on_a_cpu_split_in_two(saved_model):
-    result = run_cli(
-        "plan", saved_model, "--batch-size", "32", "--cpus", "2",
-        "--devices", "/cpu:0", "/cpu:1", "--split", "2,1", "--micro-batch-size", "16",
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
+def test_plan_on_a_cpu_split_in_two(one_process):
+    code, out, err, _ = one_process["plan"]
+    assert code == 0, err
+    lines = out.splitlines()
     assert lines[0] == (
         "Plan for batch 32 on 2 device(s): 1 step of 32 rows, split 22 + 10 (no accumulation)"
     )
@@ -122,16 +165,11 @@ def test_plan_on_a_cpu_split_in_two(saved_model):
     ]
 
 
-def test_a_zip_that_is_not_a_model_exits_4(tmp_path):
-    import zipfile
-
-    path = tmp_path / "archive.keras"
-    with zipfile.ZipFile(path, "w") as archive:
-        archive.writestr("readme.txt", "not a model")
-    result = run_cli("plan", str(path), "--batch-size", "8")
-    assert result.returncode == 4, result.stdout + result.stderr
-    assert "is not a Keras model that loads here" in result.stderr
-    assert "not found" not in result.stderr.lower()
+def test_a_zip_that_is_not_a_model_exits_4(one_process):
+    code, out, err, _ = one_process["zip"]
+    assert code == 4, out + err
+    assert "is not a Keras model that loads here" in err
+    assert "not found" not in err.lower()
 
 
 @pytest.mark.slow

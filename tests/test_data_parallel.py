@@ -43,9 +43,9 @@ def data(n=23, seed=1):
     return x, y
 
 
-@pytest.mark.parametrize(
-    "devices, split", [(CPU2, None), (CPU2, [2, 1]), (CPU3, None), (CPU3, [3.0, 1.5, 1.0])]
-)
+# Even splits over 2 and 3 devices, every batch size through direct calls and predict:
+# test_backends.py (this mlp on 2 devices) and test_empty_slices.py (every split).
+@pytest.mark.parametrize("devices, split", [(CPU2, [2, 1]), (CPU3, [3.0, 1.5, 1.0])])
 def test_predict_equals_template_for_every_batch_size(devices, split):
     model = mlp()
     parallel = DataParallel(model, devices=devices, split=split)
@@ -330,16 +330,16 @@ def test_core_layer_config_round_trip():
     assert clone.ratios == [2.0, 1.0] and clone.devices == ["/device:CPU:0", "/device:CPU:1"]
 
 
-@pytest.mark.parametrize("with_custom_objects", [False, True])
-def test_save_and_load_keras_format(tmp_path, with_custom_objects):
+def test_save_and_load_keras_format(tmp_path):
     x, y = multi_io_data(7)
     parallel = DataParallel(multi_io_model(), devices=CPU3, split=[1, 2, 1])
     parallel.compile("adam", {"label": "sparse_categorical_crossentropy", "score": "mse"})
     parallel.fit(x, y, epochs=1, verbose=0)
-    objects = keras_parallel.custom_objects() if with_custom_objects else None
-    loaded = assert_save_load_same_outputs(parallel, x, tmp_path, custom_objects=objects)
-    core = keras_parallel.replicas(loaded)
-    assert core.ratios == [1.0, 2.0, 1.0]
+    # The registered classes load without custom_objects, and with custom_objects().
+    for objects in (keras_parallel.custom_objects(), None):
+        loaded = assert_save_load_same_outputs(parallel, x, tmp_path, custom_objects=objects)
+        core = keras_parallel.replicas(loaded)
+        assert core.ratios == [1.0, 2.0, 1.0]
     loaded.fit(x, y, epochs=1, verbose=0)  # the optimizer state came along
 
 

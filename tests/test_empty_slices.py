@@ -150,6 +150,7 @@ def test_conv3d_every_batch_size(devices, split):
     check_against_template("conv3d", devices, split)
 
 
+# Also test_backends.py's conv model and splits on TensorFlow (it skips them there).
 @pytest.mark.parametrize("devices, split", [CONFIGS[0], CONFIGS[3]])
 def test_conv1d_every_batch_size(devices, split):
     check_against_template("conv1d", devices, split)

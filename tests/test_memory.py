@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from keras_parallel import memory
-from keras_parallel._compat import backend_name
+from keras_parallel._compat import IS_KERAS_3, backend_name
 from keras_parallel.memory import (
     MIB,
     HostSource,
@@ -176,10 +176,15 @@ print("RESULT" + json.dumps(_cpu_figures_without_bfc()))
 
 @pytest.mark.slow
 @pytest.mark.skipif(backend_name() != "tensorflow", reason="TensorFlow's CPU allocator")
+@pytest.mark.skipif(
+    not IS_KERAS_3,
+    reason="the Keras 3 flavour runs it: oneDNN on there, off in a subprocess (no Keras used)",
+)
 def test_cpu_read_raises_without_bfc_with_onednn_on_and_off(monkeypatch):
     """TensorFlow raises with oneDNN off and reports partial figures with it on: we raise in both.
 
-    This process runs in one of the two worlds; a subprocess runs the other.
+    This process runs in one of the two worlds; a subprocess runs the other. Neither
+    uses Keras, so one TensorFlow flavour (Keras 3) runs it for both.
     """
     monkeypatch.delenv("TF_CPU_ALLOCATOR_USE_BFC", raising=False)
     here = _cpu_figures_without_bfc()

@@ -62,12 +62,13 @@ def number(cell: str) -> float:
 
 def figures(text: str) -> dict:
     """Everything the plots show, read from the page's tables."""
-    header, rows = table_with(text, "config", "devices", "median samples/s", "all repeats")
+    header, rows = table_with(
+        text, "config", "global batch", "median samples/s", "spread", "all repeats"
+    )
     col = {name: header.index(name) for name in header}
     data_parallel = [
         {
-            "config": row[col["config"]].split(":")[0].strip(),
-            "label": row[col["config"]],
+            "config": row[col["config"]],
             "devices": int(number(row[col["devices"]])),
             "batch": int(number(row[col["global batch"]])),
             "median": number(row[col["median samples/s"]]),
@@ -107,40 +108,35 @@ def _figure(width=7.5, height=3.6):
 
 
 def plot_data_parallel(rows, path):
+    """Per global batch: the physical limit, DataParallel and MirroredStrategy, as
+    fractions of the limit (bars: medians; dots: each repeat)."""
     figure, axes = _figure()
-    colors = {"a": "#7f7f7f", "b": "#3f51b5", "c": "#e07b39"}
-    names = {"a": "template, one device", "b": "DataParallel", "c": "MirroredStrategy"}
-    groups = sorted({r["devices"] for r in rows if r["config"] != "a"})
-    for g, n in enumerate(groups):
-        batch = next(r["batch"] for r in rows if r["devices"] == n)
-        same_batch = [r for r in rows if r["batch"] == batch]
-        for k, key in enumerate("abc"):
-            row = next(r for r in same_batch if r["config"] == key)
-            x = g * 4 + k
+    shown = {"DataParallel 2": "#3f51b5", "Mirrored 2": "#e07b39"}
+    batches = sorted({r["batch"] for r in rows})
+    for g, batch in enumerate(batches):
+        same = {r["config"]: r for r in rows if r["batch"] == batch}
+        limit = 2 * same["one core"]["median"]
+        for k, (config, color) in enumerate(shown.items()):
+            x = g * 3 + k
+            row = same[config]
             axes.bar(
-                x,
-                row["median"],
-                color=colors[key],
-                alpha=0.85,
-                label=names[key] if g == 0 else None,
+                x, row["median"] / limit, color=color, alpha=0.85, label=config if g == 0 else None
             )
             axes.scatter(
                 [x] * len(row["repeats"]),
-                row["repeats"],
+                [v / limit for v in row["repeats"]],
                 s=12,
                 color="black",
                 zorder=3,
                 label="each repeat" if g == 0 and k == 0 else None,
             )
-    axes.set_xticks([g * 4 + 1 for g in range(len(groups))])
-    axes.set_xticklabels(
-        [
-            f"{n} logical CPUs, global batch {next(r['batch'] for r in rows if r['devices'] == n)}"
-            for n in groups
-        ]
-    )
-    axes.set_ylabel("samples/s (bar: median)")
-    axes.set_title("DataParallel vs one device vs MirroredStrategy (2-core CPU, Keras 3)")
+    axes.axhline(1.0, color="#7f7f7f", linestyle="--", label="physical limit (2 x one core)")
+    axes.axhline(0.95, color="#3f51b5", linestyle=":", label="goal (0.95)")
+    axes.set_xticks([g * 3 + 0.5 for g in range(len(batches))])
+    axes.set_xticklabels([f"global batch {b}" for b in batches])
+    axes.set_ylabel("fraction of the physical limit")
+    axes.set_ylim(0, 1.15)
+    axes.set_title("DataParallel and MirroredStrategy on 2 logical CPUs (Keras 3)")
     axes.legend(fontsize=8, loc="lower right")
     figure.tight_layout()
     figure.savefig(path)
