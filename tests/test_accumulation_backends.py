@@ -297,26 +297,35 @@ def test_jax_batch_end_callbacks_run_in_the_training_thread():
     assert in_main_thread and all(in_main_thread)
 
 
+def _adam_model(**compile_kwargs):
+    model = _model()
+    model.compile(
+        keras.optimizers.Adam(0.01),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        **compile_kwargs,
+    )
+    return model
+
+
+def _fit_all(model, callbacks, epochs):
+    model.fit(
+        X,
+        Y,
+        sample_weight=SW,
+        batch_size=16,
+        epochs=epochs,
+        shuffle=False,
+        verbose=0,
+        callbacks=callbacks,
+    )
+
+
 def test_run_eagerly_equals_plain_fit():
     # Nothing compiled (no tf.function, no jax.jit): the same update.
     models = []
     for callbacks in ([], [GradientAccumulation(5)]):
-        model = _model()
-        model.compile(
-            keras.optimizers.Adam(0.01),
-            keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            run_eagerly=True,
-        )
-        model.fit(
-            X,
-            Y,
-            sample_weight=SW,
-            batch_size=16,
-            epochs=1,
-            shuffle=False,
-            verbose=0,
-            callbacks=callbacks,
-        )
+        model = _adam_model(run_eagerly=True)
+        _fit_all(model, callbacks, epochs=1)
         models.append(model)
     assert_weights_close(models[1].get_weights(), models[0].get_weights())
 
@@ -342,25 +351,11 @@ def test_jax_compiles_no_more_programs_than_plain_fit():
     monitoring.register_event_duration_secs_listener(listener)
     try:
         for callbacks in ([], [GradientAccumulation(5)]):
-            model = _model()
-            model.compile(
-                keras.optimizers.Adam(0.01),
-                keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                metrics=["sparse_categorical_accuracy"],
-            )
+            model = _adam_model(metrics=["sparse_categorical_accuracy"])
             # A first fit: what Keras compiles once per model (building the optimizer).
             model.fit(X[:2], Y[:2], batch_size=2, verbose=0, callbacks=callbacks)
             del compiled[:]
-            model.fit(
-                X,
-                Y,
-                sample_weight=SW,
-                batch_size=16,
-                epochs=2,
-                shuffle=False,
-                verbose=0,
-                callbacks=callbacks,
-            )
+            _fit_all(model, callbacks, epochs=2)
             counts.append(len(compiled))
     finally:
         monitoring.unregister_event_duration_listener(listener)
