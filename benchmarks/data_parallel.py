@@ -16,10 +16,18 @@ the per-device batch (half the global batch). The template alone in this
 process is no limit: with inter-op 2 it already spreads over both cores as the
 batch grows.
 
+Two cores of one machine are not two GPUs: running side by side they share the
+memory bus, the last-level cache and the power budget. "two apart" measures what
+that costs with nothing of Keras connecting them: two one-core children, each
+training its own copy at the per-device batch, started together; their summed
+rate is the most any two-device method can reach on these cores. DataParallel 2
+/ two apart is the share of that reach keras_parallel delivers.
+
 Configurations, each at global batch 16, 32 and 64 (480 clips an epoch, one
 epoch per timed `fit`), from the same initial weights:
 
     one core        the template in the child, per-device batch (the limit is 2x)
+    two apart       two such children at once, their rates summed
     DataParallel 2  keras_parallel.DataParallel(template, devices=["/cpu:0", "/cpu:1"])
     Mirrored 2      the template built under tf.distribute.MirroredStrategy (same devices)
     DataParallel 1  keras_parallel.DataParallel(template, devices=["/cpu:0"])
@@ -30,7 +38,7 @@ times one `fit` of every configuration, interleaved, and the script prints the
 medians, the spread of the repeats ((max - min) / median), the CPU seconds per
 sample (process CPU time of all threads; the child's own for "one core"), and
 the ratios the goals are stated in: DataParallel 2 / limit, DataParallel 2 /
-Mirrored 2, DataParallel 1 / bare.
+Mirrored 2, DataParallel 1 / bare, and DataParallel 2 / two apart.
 
     python benchmarks/data_parallel.py [--repeats 5] [--batches 16 32 64] [--quick]
     TF_USE_LEGACY_KERAS=1 python benchmarks/data_parallel.py   # tf-keras
@@ -76,7 +84,7 @@ CLIP = (8, 32, 32, 3)
 CLASSES = 4
 EPOCH = 480  # clips per timed fit
 DEVICES = ["/cpu:0", "/cpu:1"]
-CONFIGS = ("one core", "DataParallel 2", "Mirrored 2", "DataParallel 1", "bare")
+CONFIGS = ("one core", "two apart", "DataParallel 2", "Mirrored 2", "DataParallel 1", "bare")
 
 
 def build_template():
@@ -161,11 +169,17 @@ class OneCore:
             text=True,
         )
 
-    def measure(self, batch: int) -> tuple[float, float]:
+    def start(self, batch: int) -> None:
         self.process.stdin.write(f"{batch}\n")
         self.process.stdin.flush()
+
+    def result(self) -> tuple[float, float]:
         answer = json.loads(self.process.stdout.readline())
         return answer["rate"], answer["cpu"]
+
+    def measure(self, batch: int) -> tuple[float, float]:
+        self.start(batch)
+        return self.result()
 
     def close(self):
         self.process.stdin.close()
@@ -203,10 +217,11 @@ def benchmark(repeats: int, batches) -> dict:
     weights = build_template().get_weights()
     models = build_models(weights)
     data = {b: make_dataset(b) for b in batches}
-    one_core = OneCore()
+    one_core, other_core = OneCore(), OneCore()
     try:
         for batch in batches:  # the first fit of each shape traces
             one_core.measure(batch // 2)
+            other_core.measure(batch // 2)
             for model in models.values():
                 timed_fit(model, data[batch], batch)
         rates = {(c, b): [] for b in batches for c in CONFIGS}
@@ -216,12 +231,18 @@ def benchmark(repeats: int, batches) -> dict:
                 for config in CONFIGS:  # interleaved
                     if config == "one core":
                         rate, seconds = one_core.measure(batch // 2)
+                    elif config == "two apart":  # both children at once
+                        one_core.start(batch // 2)
+                        other_core.start(batch // 2)
+                        (rate_a, cpu_a), (rate_b, cpu_b) = one_core.result(), other_core.result()
+                        rate, seconds = rate_a + rate_b, (cpu_a + cpu_b) / 2
                     else:
                         rate, seconds = timed_fit(models[config], data[batch], batch)
                     rates[config, batch].append(rate)
                     cpu[config, batch].append(seconds)
     finally:
         one_core.close()
+        other_core.close()
     return {"rates": rates, "cpu": cpu}
 
 
@@ -243,6 +264,8 @@ def summary(result, batches) -> dict:
             "mirrored_over_limit": median["Mirrored 2"] / limit,
             "dp_over_mirrored": median["DataParallel 2"] / median["Mirrored 2"],
             "dp1_over_bare": median["DataParallel 1"] / median["bare"],
+            "apart_over_limit": median["two apart"] / limit,
+            "dp_over_apart": median["DataParallel 2"] / median["two apart"],
         }
     return out
 
@@ -278,11 +301,21 @@ def main(argv=None) -> int:
         "| all repeats |"
     )
     print("|---|---|---|---|---|---|---|")
-    devices = {"one core": 1, "DataParallel 2": 2, "Mirrored 2": 2, "DataParallel 1": 1, "bare": 1}
+    devices = {
+        "one core": 1,
+        "two apart": 2,
+        "DataParallel 2": 2,
+        "Mirrored 2": 2,
+        "DataParallel 1": 1,
+        "bare": 1,
+    }
     for batch in args.batches:
         row = table[batch]
         for config in CONFIGS:
-            shown = f"{batch} ({batch // 2} in the child)" if config == "one core" else batch
+            shown = {
+                "one core": f"{batch} ({batch // 2} in the child)",
+                "two apart": f"{batch} ({batch // 2} in each child)",
+            }.get(config, batch)
             runs = " ".join(f"{r:.0f}" for r in result["rates"][config, batch])
             print(
                 f"| {config} | {devices[config]} | {shown} | {row['median'][config]:.1f} "
@@ -292,15 +325,16 @@ def main(argv=None) -> int:
     print(
         "| global batch | physical limit (2 x one core) | DataParallel 2 / limit (goal >= 0.95) "
         "| Mirrored 2 / limit | DataParallel 2 / Mirrored 2 (goal >= 1.25) "
-        "| DataParallel 1 / bare (goal >= 0.97) |"
+        "| DataParallel 1 / bare (goal >= 0.97) | two apart / limit | DataParallel 2 / two apart |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for batch in args.batches:
         row = table[batch]
         print(
             f"| {batch} | {row['limit']:.1f} | {row['dp_over_limit']:.3f} "
             f"| {row['mirrored_over_limit']:.3f} | {row['dp_over_mirrored']:.3f} "
-            f"| {row['dp1_over_bare']:.3f} |"
+            f"| {row['dp1_over_bare']:.3f} | {row['apart_over_limit']:.3f} "
+            f"| {row['dp_over_apart']:.3f} |"
         )
     print()
     print(

@@ -11,14 +11,17 @@ makes one replica per GPU, and a DataParallel model inside each replica would
 slice over every GPU again.
 
 TensorFlow backend only (Keras 3 on TensorFlow, or tf-keras). On JAX, Keras's
-own `keras.distribution` trains over several processes; `check_fit_supported`
-refuses what keras_parallel cannot do there. See docs/several_machines.md.
+own `keras.distribution` trains over several processes, and DataParallel and
+GradientAccumulation run inside it; `check_fit_supported` checks, before any
+data is read, that every process cuts its rows alike. See docs/several_machines.md.
 """
 
 from __future__ import annotations
 
 import json
 import os
+
+import numpy as np
 
 from keras_parallel._compat import IS_KERAS_3, backend_name, keras
 
@@ -230,14 +233,18 @@ def check_fit_supported(model) -> None:
     Args:
         model: a Keras model (its `distribute_strategy` is checked).
 
-    On JAX over several processes (`keras.distribution.initialize`), a
-    DataParallel model over more than one device is refused: use the template
-    under `keras.distribution.DataParallel()` there.
+    On JAX under a `keras.distribution.DataParallel` (one process, or several
+    after `keras.distribution.initialize`), a DataParallel model over several
+    devices must use all of this process's devices of the distribution's mesh,
+    with the same `split` on every process (the step is one program over all).
 
     Raises:
         NotImplementedError: with Keras 3 under a `MultiWorkerMirroredStrategy`
-            over several workers; on JAX over several processes, for a
-            DataParallel model over several devices.
+            over several workers.
+        ValueError: on JAX under a distribution, for DataParallel devices other
+            than this process's devices of its mesh, a split that differs
+            between processes, or a distribution other than
+            `keras.distribution.DataParallel`.
 
     Example:
 
@@ -270,32 +277,34 @@ def check_fit_supported(model) -> None:
 
 
 def _check_jax_fit_supported(model) -> None:
-    """On JAX over several processes, a DataParallel model must run on one device.
+    """On JAX under a `keras.distribution`: DataParallel's devices and split fit the mesh.
 
-    `keras.distribution.DataParallel()` after `keras.distribution.initialize`
-    already splits every batch over all processes' devices. keras_parallel's
-    DataParallel lays its slices out on a mesh of this process's devices inside
-    Keras's jitted step, whose state spans every process's devices: JAX refuses
-    that at the first step, after a batch was read.
+    The step is one program over the distribution's mesh, so a DataParallel
+    model over several devices must use all of this process's devices in it,
+    and every process must cut its rows alike: checked here, before `fit` reads
+    any data (with several processes, by comparing the processes' splits).
     """
-    import jax
+    from keras_parallel._backend.jax.replicas import batch_layout, check_distributed_replicas
 
-    processes = jax.process_count()
-    if processes <= 1:
+    if batch_layout() is None:
         return
     replicas_layer = getattr(model, "_replicas_layer", None)
     replicas = replicas_layer() if callable(replicas_layer) else None
-    devices = list(getattr(replicas, "devices", None) or [])
-    if len(devices) <= 1:
+    if replicas is None or replicas.num_replicas <= 1:
         return
-    raise NotImplementedError(
-        "keras_parallel.DataParallel cannot spread a batch over this process's "
-        f"devices while JAX runs {processes} processes "
-        "(keras.distribution.initialize): its slices would be laid out on this "
-        "process's devices inside a step that spans every process's devices. "
-        "Expected the template itself (keras_parallel.unwrap(model)) under "
-        "keras.distribution.DataParallel(), which splits every batch over all "
-        "processes' devices, or DataParallel on one device. "
-        f"Received: DataParallel over devices={devices} in JAX process "
-        f"{jax.process_index()} of {processes}"
-    )
+    check_distributed_replicas(replicas.placement)
+    import jax
+
+    if jax.process_count() <= 1:
+        return
+    from jax.experimental import multihost_utils
+
+    ratios = np.asarray(replicas.ratios, dtype=np.float64)
+    every = np.asarray(multihost_utils.process_allgather(ratios))
+    if every.shape[0] != jax.process_count() or not np.all(every == every[0]):
+        raise ValueError(
+            "On several JAX processes every process must split its rows alike (the "
+            "step is one program over all of them). Expected the same `split` on "
+            f"every process. Received: split ratios {every.tolist()} (one row per "
+            f"process; this is process {jax.process_index()})"
+        )

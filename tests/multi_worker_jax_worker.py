@@ -36,7 +36,24 @@ GLOBAL_BATCH = 16
 RNG = np.random.default_rng(0)
 X = RNG.normal(size=(64, 5)).astype("float32")
 Y = RNG.integers(0, 3, size=(64,)).astype("int32")
-CASES = ("plain", "data_parallel_one_device", "data_parallel", "accumulation")
+CASES = (
+    "plain",
+    "data_parallel_one_device",
+    "data_parallel",
+    "data_parallel_2_1",
+    "accumulation",
+    "accumulation_ragged",
+    "data_parallel_accumulation",
+    "data_parallel_2_1_accumulation",
+    "accumulation_auto",
+    "split_differs",
+)
+DEVICES = ["/device:CPU:0", "/device:CPU:1"]
+
+
+def _bytes_per_row_probe(size):
+    """A stand-in memory probe: 1000 bytes a row (this process plans from its budget)."""
+    return 1000 * size
 
 
 def _local_rows():
@@ -58,11 +75,25 @@ def _run(case):
     )
     callbacks = []
     if case == "data_parallel_one_device":
-        model = keras_parallel.DataParallel(model, devices=["/device:CPU:0"])
-    elif case == "data_parallel":
-        model = keras_parallel.DataParallel(model, devices=["/device:CPU:0", "/device:CPU:1"])
-    elif case == "accumulation":
-        callbacks = [keras_parallel.callbacks.GradientAccumulation(4)]
+        model = keras_parallel.DataParallel(model, devices=DEVICES[:1])
+    elif case.startswith("data_parallel_2_1"):
+        model = keras_parallel.DataParallel(model, devices=DEVICES, split=[2, 1])
+    elif case.startswith("data_parallel"):
+        model = keras_parallel.DataParallel(model, devices=DEVICES)
+    elif case == "split_differs":  # process 0 cuts 2:1, process 1 1:1
+        split = [2, 1] if PROCESS_ID == 0 else [1, 1]
+        model = keras_parallel.DataParallel(model, devices=DEVICES, split=split)
+    if case.endswith("accumulation"):  # 4 rows a device: 2 micro steps of 2
+        callbacks = [keras_parallel.callbacks.GradientAccumulation(2)]
+    elif case == "accumulation_ragged":  # 4 rows a device: a micro step of 3, then of 1
+        callbacks = [keras_parallel.callbacks.GradientAccumulation(3)]
+    elif case == "accumulation_auto":  # process 0 plans 2 rows, process 1 all 4
+        budget = 2500 if PROCESS_ID == 0 else 100_000
+        callbacks = [
+            keras_parallel.callbacks.GradientAccumulation(
+                "auto", memory_budget=budget, memory_probe=_bytes_per_row_probe
+            )
+        ]
     model.compile(
         optimizer=keras.optimizers.SGD(0.1),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -79,6 +110,7 @@ def _run(case):
     )
     return {
         "loss": history.history["loss"],
+        "micro_batch_size": history.history.get("micro_batch_size"),
         "weights": [np.asarray(w).tolist() for w in model.get_weights()],
     }
 

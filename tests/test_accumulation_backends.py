@@ -361,3 +361,96 @@ def test_jax_compiles_no_more_programs_than_plain_fit():
         monitoring.unregister_event_duration_listener(listener)
     plain, accumulated = counts
     assert 1 <= accumulated <= plain, counts
+
+
+@pytest.fixture
+def jax_data_parallel_distribution():
+    """`keras.distribution.DataParallel()` over this process's 3 host devices (JAX)."""
+    if backend_name() != "jax":
+        pytest.skip("keras.distribution lays out a jitted step: JAX")
+    distribution = keras.distribution.DataParallel()
+    if len(distribution.device_mesh.devices.flat) != 3:
+        pytest.skip("needs JAX's 3 host devices (tests/conftest.py)")
+    keras.distribution.set_distribution(distribution)
+    try:
+        yield distribution
+    finally:
+        keras.distribution.set_distribution(None)
+
+
+@pytest.mark.parametrize(
+    "micro, split",
+    [(2, None), (3, None), (2, [2, 1, 1])],
+    ids=["micro-divides", "micro-ragged", "data-parallel-2-1-1"],
+)
+def test_jax_accumulation_under_a_data_parallel_distribution_equals_plain_fit(
+    jax_data_parallel_distribution, micro, split
+):
+    # Batches of 12 rows over 3 devices: 4 a device, taken 2 (or 3, then 1) at a
+    # time from every device; with DataParallel over the 3 devices, 2:1:1.
+    x, y = X[:36], Y[:36]
+
+    def model():
+        keras.utils.set_random_seed(0)
+        return keras.Sequential(
+            [keras.Input((5,)), keras.layers.Dense(8, activation="tanh"), keras.layers.Dense(3)]
+        )
+
+    def fit(model, callbacks):
+        model.compile(
+            keras.optimizers.SGD(0.1),
+            keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        history = model.fit(
+            x, y, batch_size=12, epochs=2, shuffle=False, verbose=0, callbacks=callbacks
+        )
+        return history.history
+
+    keras.distribution.set_distribution(None)
+    plain = model()
+    initial = plain.get_weights()
+    expected = fit(plain, [])
+    keras.distribution.set_distribution(jax_data_parallel_distribution)
+
+    template = model()
+    template.set_weights(initial)
+    model = template if split is None else _parallel(template, 3, split)
+    logs = fit(model, [GradientAccumulation(micro)])
+    assert_weights_close(template.get_weights(), plain.get_weights())
+    np.testing.assert_allclose(logs["loss"], expected["loss"], rtol=1e-5)
+    assert logs["micro_batch_size"] == [micro, micro]
+
+
+def test_jax_data_parallel_over_some_mesh_devices_is_refused_before_data(
+    jax_data_parallel_distribution,
+):
+    template = _model()
+    parallel = _parallel(template, 2)  # 2 of the mesh's 3 devices
+    parallel.compile(keras.optimizers.SGD(0.1), "mse")
+    with pytest.raises(ValueError, match="must use every device this process has"):
+        parallel.fit(_Unread(), epochs=1, verbose=0)
+
+
+class _Unread(keras.utils.PyDataset):
+    """A dataset whose batches must not be read (the error comes first)."""
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, index):
+        raise AssertionError("a batch was read before the error")
+
+
+def test_jax_a_distribution_other_than_data_parallel_is_refused():
+    if backend_name() != "jax":
+        pytest.skip("keras.distribution lays out a jitted step: JAX")
+    devices = keras.distribution.list_devices()
+    mesh = keras.distribution.DeviceMesh((1, len(devices)), ["batch", "model"], devices)
+    layout_map = keras.distribution.LayoutMap(mesh)
+    keras.distribution.set_distribution(keras.distribution.ModelParallel(layout_map=layout_map))
+    try:
+        model = _model()
+        with pytest.raises(ValueError, match="Received: ModelParallel"):
+            _train(model, keras.optimizers.SGD(0.1), [GradientAccumulation(2)])
+    finally:
+        keras.distribution.set_distribution(None)

@@ -3,8 +3,11 @@
 Two JAX processes on 127.0.0.1 (`keras.distribution.initialize`, a free port,
 each with its CPU made 2 devices) train under `keras.distribution.DataParallel()`
 on a global batch of 16 (tests/multi_worker_jax_worker.py). Both end with the
-weights of one process training plain `fit` on the same global batch; what
-keras_parallel cannot do there is refused before any data is read.
+weights of one process training plain `fit` on the same global batch: plain
+`fit`, DataParallel over each process's devices (equal and 2:1),
+GradientAccumulation (micro-batches that divide the batch and that do not, and
+"auto" planned differently on each process), and both together. A split that
+differs between processes is refused before any data is read.
 """
 
 from __future__ import annotations
@@ -94,16 +97,30 @@ def test_data_parallel_on_one_device_matches_one_process(results):
     _assert_matches_reference(results, "data_parallel_one_device")
 
 
-def test_data_parallel_over_several_devices_is_refused(results):
-    for worker in ("worker0", "worker1"):
-        outcome = results[worker]["data_parallel"]
-        assert outcome["error"] == "NotImplementedError", outcome
-        assert "keras.distribution.DataParallel()" in outcome["message"]
-        assert "devices=['/device:CPU:0', '/device:CPU:1']" in outcome["message"]
+@pytest.mark.parametrize("split", ["", "_2_1"])
+def test_data_parallel_over_each_process_devices_matches_one_process(results, split):
+    _assert_matches_reference(results, f"data_parallel{split}")
 
 
-def test_gradient_accumulation_is_refused(results):
+@pytest.mark.parametrize("case", ["accumulation", "accumulation_ragged"])
+def test_gradient_accumulation_matches_one_process(results, case):
+    _assert_matches_reference(results, case)
+
+
+@pytest.mark.parametrize("split", ["", "_2_1"])
+def test_data_parallel_with_accumulation_matches_one_process(results, split):
+    _assert_matches_reference(results, f"data_parallel{split}_accumulation")
+
+
+def test_auto_plans_agree_on_the_smallest_size(results):
+    _assert_matches_reference(results, "accumulation_auto")
     for worker in ("worker0", "worker1"):
-        outcome = results[worker]["accumulation"]
+        assert results[worker]["accumulation_auto"]["micro_batch_size"] == [2, 2]
+
+
+def test_a_split_that_differs_between_processes_is_refused(results):
+    for worker in ("worker0", "worker1"):
+        outcome = results[worker]["split_differs"]
         assert outcome["error"] == "ValueError", outcome
-        assert "keras.distribution" in outcome["message"]
+        assert "the same `split` on every process" in outcome["message"]
+        assert "one row per process" in outcome["message"]

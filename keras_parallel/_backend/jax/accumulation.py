@@ -51,6 +51,7 @@ import numpy as np
 from keras_parallel._backend.common import accumulation as _common
 from keras_parallel._backend.common.accumulation import TrainFunctionSwitch, loss_tracker
 from keras_parallel._backend.jax.probes import compiled_bytes
+from keras_parallel._backend.jax.replicas import batch_layout
 from keras_parallel._compat import keras
 
 __all__ = [
@@ -79,16 +80,8 @@ NO_PROBE_REASON = "XLA gives no memory analysis for this step"
 
 
 def check_supported() -> None:
-    """Gradient accumulation works on JAX, except under a `keras.distribution`."""
-    if keras.distribution.distribution() is not None:
-        raise ValueError(
-            "GradientAccumulation on JAX does not support a `keras.distribution` "
-            "(its train step lays out the state itself). Expected "
-            "keras.distribution.distribution() to be None. Received: "
-            f"{type(keras.distribution.distribution()).__name__}. On several JAX "
-            "processes, train the template under keras.distribution.DataParallel() "
-            "without GradientAccumulation, or use tf-keras (docs/several_machines.md)."
-        )
+    """Works on JAX without a distribution or under `keras.distribution.DataParallel`."""
+    batch_layout()  # raises for another distribution
 
 
 def _rows(structure) -> int:
@@ -117,10 +110,11 @@ def _like(new, old):
     return jax.tree_util.tree_map(lambda n, o: jnp.asarray(n, o.dtype), new, old)
 
 
-def _spec(structure, rows: int):
+def _spec(structure, rows: int, sharding=None):
     """Shape-and-dtype stand-ins of `structure` with `rows` rows (for compiling only)."""
     return jax.tree_util.tree_map(
-        lambda t: jax.ShapeDtypeStruct((rows, *t.shape[1:]), t.dtype), structure
+        lambda t: jax.ShapeDtypeStruct((rows, *t.shape[1:]), t.dtype, sharding=sharding),
+        structure,
     )
 
 
@@ -143,6 +137,7 @@ class AccumulatingTrainFunction(TrainFunctionSwitch):
             if self._jit
             else self._batch_step
         )
+        self._distributed_batch = None  # `_batch_program`, built at the first step
         # The micro step alone, compiled only for the "auto" probe's memory analysis.
         self._probe_micro = jax.jit(self._micro_step)
 
@@ -186,12 +181,30 @@ class AccumulatingTrainFunction(TrainFunctionSwitch):
     def _batch_step(self, state, data, rows_per_step: int):
         """One batch: the micro steps in a loop, the last shorter one, then the update.
 
-        Returns ``(logs, new state)``. `rows_per_step` is static: the loop's length
+        Returns ``(logs, new state)``. `rows_per_step` (static) is the rows each
+        shard of the batch gives each micro step: the batch's rows are viewed as
+        ``shards`` equal blocks (one per device of a `keras.distribution`'s mesh,
+        else one), and every micro-batch takes its rows from every block, so it
+        stays laid out as the distribution laid out the batch. The loop's length
         and the last micro-batch's rows follow from it and the batch's rows.
         """
         trainable, non_trainable, optimizer, metrics = state
-        rows = self.local_batch_rows(data)
-        loops, rest = divmod(rows, rows_per_step)
+        shards, constrain = self._shards()
+        rows = _rows(data)
+        shard_rows = rows // shards
+        loops, rest = divmod(shard_rows, rows_per_step)
+        view = jax.tree_util.tree_map(lambda t: t.reshape((shards, shard_rows, *t.shape[1:])), data)
+
+        def take(start, size):
+            """`size` rows of every shard from `start`, as one micro-batch."""
+            return jax.tree_util.tree_map(
+                lambda t: constrain(
+                    jax.lax.dynamic_slice_in_dim(t, start, size, axis=1).reshape(
+                        (shards * size, *t.shape[2:])
+                    )
+                ),
+                view,
+            )
 
         def micro(carry, start, size, share):
             grads, non_trainable, metrics = carry
@@ -200,7 +213,7 @@ class AccumulatingTrainFunction(TrainFunctionSwitch):
                 non_trainable,
                 metrics,
                 optimizer,
-                _slice_rows(data, start, size),
+                take(start, size),
                 np.float32(share),
             )
             grads = [a + g for a, g in zip(grads, new_grads, strict=True)]
@@ -209,7 +222,7 @@ class AccumulatingTrainFunction(TrainFunctionSwitch):
 
         def body(carry, index):
             start = index * rows_per_step
-            return micro(carry, start, rows_per_step, rows_per_step / rows)
+            return micro(carry, start, rows_per_step, rows_per_step / shard_rows)
 
         carry = ([jnp.zeros_like(v) for v in trainable], non_trainable, metrics)
         losses, predictions = [], []
@@ -217,27 +230,47 @@ class AccumulatingTrainFunction(TrainFunctionSwitch):
             scan = jax.lax.scan if self._jit else _python_scan
             carry, (stacked_loss, stacked_pred) = scan(body, carry, jnp.arange(loops))
             losses.append(jnp.sum(stacked_loss))
+            # (loops, shards * step, ...) -> (shards, loops * step, ...): shards' rows in order.
             predictions.append(
                 jax.tree_util.tree_map(
-                    lambda p: p.reshape((loops * p.shape[1], *p.shape[2:])), stacked_pred
+                    lambda p: jnp.swapaxes(
+                        p.reshape((loops, shards, rows_per_step, *p.shape[2:])), 0, 1
+                    ).reshape((shards, loops * rows_per_step, *p.shape[2:])),
+                    stacked_pred,
                 )
             )
         if rest or not rows:  # the last, shorter micro-batch (an empty batch: itself)
             carry, (loss, y_pred) = micro(
-                carry, loops * rows_per_step, rest, rest / rows if rows else 1.0
+                carry, loops * rows_per_step, rest, rest / shard_rows if rows else 1.0
             )
             losses.append(loss)
-            predictions.append(y_pred)
+            predictions.append(
+                jax.tree_util.tree_map(lambda p: p.reshape((shards, rest, *p.shape[1:])), y_pred)
+            )
         grads, non_trainable, metrics = carry
         loss = losses[0] if len(losses) == 1 else losses[0] + losses[1]
         if len(predictions) == 1:
             y_pred = predictions[0]
         else:
-            y_pred = jax.tree_util.tree_map(lambda *p: jnp.concatenate(p), *predictions)
+            y_pred = jax.tree_util.tree_map(lambda *p: jnp.concatenate(p, axis=1), *predictions)
+        y_pred = jax.tree_util.tree_map(
+            lambda p: constrain(p.reshape((rows, *p.shape[2:]))), y_pred
+        )
         logs, trainable, optimizer, metrics = self._update_step(
             trainable, optimizer, metrics, (grads, loss), data, y_pred
         )
         return logs, (trainable, non_trainable, optimizer, metrics)
+
+    def _shards(self):
+        """``(shards, constrain)``: the batch's blocks and the micro-batches' layout."""
+        layout = batch_layout()
+        if layout is None:
+            return 1, lambda t: t
+        mesh, axis, shards = layout
+        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis))
+        if not self._jit:
+            return shards, lambda t: t
+        return shards, lambda t: jax.lax.with_sharding_constraint(t, sharding)
 
     # ------------------------------------------------------------------ the call
     def __call__(self, state, iterator):
@@ -255,9 +288,36 @@ class AccumulatingTrainFunction(TrainFunctionSwitch):
 
     # ---------------------------------------------------------------- mechanisms
     def local_batch_rows(self, data) -> int:
-        """Rows of the batch (JAX runs one replica per process)."""
+        """Rows of the batch on this process's replica (the micro-batch size is per device).
+
+        Without a distribution, the batch's rows. Under a `keras.distribution`,
+        the batch is the global one, in equal shares over the mesh's devices:
+        one share per device of the model (``num_replicas`` shares).
+        """
         x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
-        return _rows(x)
+        shards, _ = self._shards()
+        return _rows(x) // shards * (self.num_replicas if shards > 1 else 1)
+
+    def _rows_per_step(self, micro_batch_size: int) -> int:
+        """Rows each shard of the batch gives one micro step (see `_batch_step`)."""
+        shards, _ = self._shards()
+        if shards > 1:  # each mesh device is one of the model's devices
+            return max(1, micro_batch_size)
+        return max(1, self.num_replicas * micro_batch_size)
+
+    def _batch_program(self):
+        """The jitted batch step; under a distribution, the new state keeps the old layout."""
+        if not self._jit or batch_layout() is None:
+            return self._batch
+        if self._distributed_batch is None:
+            shardings = jax.tree_util.tree_map(lambda a: a.sharding, self._state)
+            self._distributed_batch = jax.jit(
+                self._batch_step,
+                static_argnums=2,
+                donate_argnums=0,
+                out_shardings=(None, shardings),
+            )
+        return self._distributed_batch
 
     def measured_device(self) -> str:
         """The device the micro step's memory analysis describes: Keras's default device."""
@@ -270,9 +330,21 @@ class AccumulatingTrainFunction(TrainFunctionSwitch):
 
         Returns the step's logs; the new state is what `__call__` hands back to `fit`.
         """
-        rows_per_step = max(1, self.num_replicas * micro_batch_size)
-        logs, self._state = self._batch(self._state, data, rows_per_step)
+        program = self._batch_program()
+        logs, self._state = program(self._state, data, self._rows_per_step(micro_batch_size))
         return logs
+
+    def agree_on_size(self, size: int) -> int:
+        """The micro-batch size every process runs: the smallest one planned.
+
+        With several JAX processes the step is one program over all of them, so
+        all must compile it for one size (each plans from its own devices' memory).
+        """
+        if jax.process_count() <= 1:
+            return size
+        from jax.experimental import multihost_utils
+
+        return int(np.min(multihost_utils.process_allgather(np.int32(size))))
 
     def snapshot_state(self):
         """The state before a step (JAX's arrays are immutable: a reference is a snapshot)."""
@@ -295,15 +367,23 @@ class AccumulatingTrainFunction(TrainFunctionSwitch):
         less what aliases): nothing runs, so nothing can run out of memory.
         """
         trainable, non_trainable, optimizer, metrics = self._state
+        layout = batch_layout()
+        sharding = None
+        if layout is not None:  # the micro-batch laid out as the distribution lays the batch
+            mesh, axis, shards = layout
+            sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis))
 
         def probe(micro_batch_size: int) -> int:
-            rows = self.num_replicas * micro_batch_size
+            if sharding is None:
+                rows = self.num_replicas * micro_batch_size
+            else:
+                rows = shards * micro_batch_size
             compiled = self._probe_micro.lower(
                 trainable,
                 non_trainable,
                 metrics,
                 optimizer,
-                _spec(data, rows),
+                _spec(data, rows, sharding),
                 np.float32(1.0),
             ).compile()
             total = compiled_bytes(compiled)

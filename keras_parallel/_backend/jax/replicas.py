@@ -13,6 +13,17 @@ What differs from the TensorFlow backend: every device computes as many rows
 as the largest slice (an unequal split saves the smaller device nothing); layers
 that look across rows (BatchNormalization in training, activity regularizers)
 see the whole padded batch; the devices must be of one platform (a mesh).
+
+Under a `keras.distribution.DataParallel` (one process, or several after
+`keras.distribution.initialize`), the step is one program over the
+distribution's mesh and the batch it gets is the global one, each mesh device
+holding an equal share of it. DataParallel's devices must then be all of this
+process's devices of that mesh, and every process must cut its rows alike
+(same program on every process). An equal split is the distribution's own
+layout: the template is called on the batch as it is. An unequal split is laid
+out over the distribution's mesh instead of a mesh of its own: each process's
+rows are gathered into its devices' blocks (the rows it moves stay within the
+process's devices, but XLA decides how it moves them).
 """
 
 from __future__ import annotations
@@ -22,7 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-__all__ = ["jax_device", "sharded_call"]
+from keras_parallel._compat import keras
+
+__all__ = ["batch_layout", "check_distributed_replicas", "jax_device", "sharded_call"]
 
 _AXIS = "replicas"
 
@@ -39,16 +52,107 @@ def _mesh(devices):
     return Mesh(np.array([jax_device(d) for d in devices]), (_AXIS,))
 
 
-def sharded_call(call, inputs, sizes, devices, map_structure):
+def batch_layout():
+    """``(mesh, axis, shards)`` of the active `keras.distribution`'s batch, or None.
+
+    `shards` is the number of devices the batch's rows are split over (the mesh's
+    batch axis). Raises for a distribution that is not `keras.distribution.DataParallel`.
+    """
+    distribution = keras.distribution.distribution()
+    if distribution is None:
+        return None
+    if not isinstance(distribution, keras.distribution.DataParallel):
+        raise ValueError(
+            "keras_parallel on JAX supports no keras.distribution but "
+            "keras.distribution.DataParallel (it lays out the batch, not the "
+            "weights). Expected keras.distribution.DataParallel or None. "
+            f"Received: {type(distribution).__name__}"
+        )
+    mesh = distribution.device_mesh.backend_mesh
+    axis = distribution.batch_dim_name
+    return mesh, axis, int(mesh.shape[axis])
+
+
+def _process_devices(mesh, platform: str):
+    """For each process, its devices in local order (as `jax.local_devices` lists them)."""
+    by_process: dict[int, list] = {}
+    for device in jax.devices(platform):
+        by_process.setdefault(device.process_index, []).append(device)
+    return by_process
+
+
+def check_distributed_replicas(devices) -> None:
+    """DataParallel's `devices` under a distribution: all of this process's mesh devices.
+
+    Raises:
+        ValueError: naming the devices expected and received.
+    """
+    layout = batch_layout()
+    if layout is None or len(devices) <= 1:
+        return
+    mesh, _, _ = layout
+    mine = {d for d in mesh.devices.flat if d.process_index == jax.process_index()}
+    wanted = {jax_device(d) for d in devices}
+    if wanted != mine:
+        raise ValueError(
+            "Under a keras.distribution, a DataParallel model over several devices "
+            "must use every device this process has in the distribution's mesh (the "
+            "step is one program over that mesh). Expected devices for "
+            f"{sorted(str(d) for d in mine)}. Received: devices={list(devices)}"
+        )
+
+
+def _distributed_arrangement(mesh, sizes, devices, rows_global: int):
+    """Static row indices: the arranged blocks from the global batch, and back.
+
+    The global batch holds each mesh device's equal share in mesh order; a
+    process's rows are its devices' shares in that order. Every process cuts its
+    rows by `sizes` over its devices `devices` (local names), one block of
+    ``max(sizes)`` rows per device, in mesh order, padded with the process's first row.
+    """
+    positions = list(mesh.devices.flat)
+    share = rows_global // len(positions)
+    block = max(sizes)
+    platform = positions[0].platform
+    process_devices = _process_devices(mesh, platform)
+    local_index = [int(d.split(":")[-1]) for d in devices]
+    take = np.zeros(len(positions) * block, dtype=np.int32)
+    back = np.zeros(rows_global, dtype=np.int32)
+    for process, own in process_devices.items():
+        # This process's rows, in the order the distribution put them.
+        rows = [
+            i * share + r
+            for i, device in enumerate(positions)
+            if device.process_index == process
+            for r in range(share)
+        ]
+        start = 0
+        for k, size in enumerate(sizes):
+            target = positions.index(own[local_index[k]])
+            chunk = rows[start : start + size]
+            filler = [rows[0]] * (block - size)
+            take[target * block : (target + 1) * block] = chunk + filler
+            back[chunk] = np.arange(target * block, target * block + size)
+            start += size
+    return take, back
+
+
+def sharded_call(call, inputs, sizes_for, devices, map_structure):
     """`call(blocks)` on the slices laid out one block per device; outputs in batch order.
 
     Args:
         call: the template's call on a batch (a function of one structure).
         inputs: the batch (a structure of arrays with the same rows).
-        sizes: list of int. The rows of each device's slice (they sum to the batch).
+        sizes_for: a function of the process's rows: the rows of each device's
+            slice (they sum to the rows).
         devices: list of canonical device names, one per slice.
         map_structure: `keras.tree.map_structure`.
     """
+    rows_global = int(jax.tree_util.tree_leaves(inputs)[0].shape[0])
+    layout = batch_layout()
+    if layout is not None:
+        return _distributed_call(call, inputs, sizes_for, devices, map_structure, layout)
+    sizes = sizes_for(rows_global)
     rows = max(sizes)
     sharding = NamedSharding(_mesh(devices), PartitionSpec(_AXIS))
 
@@ -70,5 +174,27 @@ def sharded_call(call, inputs, sizes, devices, map_structure):
         y = jax.lax.with_sharding_constraint(y, sharding)
         parts = [y[k * rows : k * rows + size] for k, size in enumerate(sizes)]
         return jnp.concatenate(parts, axis=0)
+
+    return map_structure(gather, outputs)
+
+
+def _distributed_call(call, inputs, sizes_for, devices, map_structure, layout):
+    """`sharded_call` under a `keras.distribution.DataParallel` (module docstring)."""
+    mesh, axis, shards = layout
+    rows_global = int(jax.tree_util.tree_leaves(inputs)[0].shape[0])
+    processes = len({d.process_index for d in mesh.devices.flat})
+    sizes = sizes_for(rows_global // processes)
+    sharding = NamedSharding(mesh, PartitionSpec(axis))
+    if len(set(sizes)) == 1 and len(sizes) * processes == shards:
+        return call(inputs)  # the distribution's own layout
+    take, back = _distributed_arrangement(mesh, sizes, devices, rows_global)
+
+    def arrange(x):
+        return jax.lax.with_sharding_constraint(jnp.take(x, take, axis=0), sharding)
+
+    outputs = call(map_structure(arrange, inputs))
+
+    def gather(y):
+        return jnp.take(jax.lax.with_sharding_constraint(y, sharding), back, axis=0)
 
     return map_structure(gather, outputs)
