@@ -80,6 +80,24 @@ def test_fit_equals_single_device_fit(devices, split, optimizer):
     np.testing.assert_allclose(history.history["loss"], history_single.history["loss"], rtol=1e-5)
 
 
+def test_steps_per_execution_trains_like_single_device_fit():
+    # Several steps per call (what docs/benchmarks.md recommends on CPUs): the
+    # updates are the template's, one per batch.
+    x, y = data(23)  # batch 5: 4 batches of 5 and one of 3; 3 steps per call
+    template = mlp()
+    initial = template.get_weights()
+    template.compile(optimizer="sgd", loss="mse")
+    template.fit(x, y, batch_size=5, epochs=2, shuffle=False, verbose=0)
+    expected = template.get_weights()
+
+    template.set_weights(initial)
+    parallel = DataParallel(template, devices=CPU2, split=[2, 1])
+    parallel.compile(optimizer="sgd", loss="mse", steps_per_execution=3)
+    parallel.fit(x, y, batch_size=5, epochs=2, shuffle=False, verbose=0)
+    assert_weights_close(template.get_weights(), expected)
+    assert int(np.asarray(parallel.optimizer.iterations)) == 10
+
+
 def test_template_variables_are_shared_not_copied():
     model = mlp()
     parallel = DataParallel(model, devices=CPU2)

@@ -174,6 +174,7 @@ def test_benchmark_plot_tables_are_on_the_page():
     figures = benchmark_plots.figures(text)
     assert {r["config"] for r in figures["data_parallel"]} == {
         "one core",
+        "two apart",
         "DataParallel 2",
         "Mirrored 2",
         "DataParallel 1",

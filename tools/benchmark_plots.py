@@ -138,7 +138,7 @@ def plot_data_parallel(rows, path):
     axes.set_xticklabels([f"global batch {b}" for b in batches])
     axes.set_ylabel("fraction of the physical limit")
     axes.set_ylim(0, 1.15)
-    axes.set_title("DataParallel and MirroredStrategy on 2 logical CPUs (Keras 3)")
+    axes.set_title("Two one-core processes, DataParallel and MirroredStrategy on 2 logical CPUs")
     axes.legend(fontsize=8, loc="lower right")
     figure.tight_layout()
     figure.savefig(path)
