@@ -46,6 +46,7 @@ CASES = (
     "data_parallel_accumulation",
     "data_parallel_2_1_accumulation",
     "accumulation_auto",
+    "memory_logger",
     "split_differs",
 )
 DEVICES = ["/device:CPU:0", "/device:CPU:1"]
@@ -83,6 +84,8 @@ def _run(case):
     elif case == "split_differs":  # process 0 cuts 2:1, process 1 1:1
         split = [2, 1] if PROCESS_ID == 0 else [1, 1]
         model = keras_parallel.DataParallel(model, devices=DEVICES, split=split)
+    if case == "memory_logger":
+        callbacks = [keras_parallel.callbacks.GPUMemoryLogger()]
     if case.endswith("accumulation"):  # 4 rows a device: 2 micro steps of 2
         callbacks = [keras_parallel.callbacks.GradientAccumulation(2)]
     elif case == "accumulation_ragged":  # 4 rows a device: a micro step of 3, then of 1
@@ -111,6 +114,7 @@ def _run(case):
     return {
         "loss": history.history["loss"],
         "micro_batch_size": history.history.get("micro_batch_size"),
+        "logged": sorted(history.history),
         "weights": [np.asarray(w).tolist() for w in model.get_weights()],
     }
 

@@ -118,6 +118,13 @@ def test_auto_plans_agree_on_the_smallest_size(results):
         assert results[worker]["accumulation_auto"]["micro_batch_size"] == [2, 2]
 
 
+def test_memory_logger_logs_on_every_process(results):
+    _assert_matches_reference(results, "memory_logger")
+    for worker in ("worker0", "worker1"):
+        logged = results[worker]["memory_logger"]["logged"]
+        assert set(logged) - {"loss"}, logged
+
+
 def test_a_split_that_differs_between_processes_is_refused(results):
     for worker in ("worker0", "worker1"):
         outcome = results[worker]["split_differs"]
