@@ -424,21 +424,20 @@ def test_jax_accumulation_under_a_data_parallel_distribution_equals_plain_fit(
 def test_jax_data_parallel_over_some_mesh_devices_is_refused_before_data(
     jax_data_parallel_distribution,
 ):
+    class Unread(keras.utils.PyDataset):
+        """A dataset whose batches must not be read (the error comes first)."""
+
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, index):
+            raise AssertionError("a batch was read before the error")
+
     template = _model()
     parallel = _parallel(template, 2)  # 2 of the mesh's 3 devices
     parallel.compile(keras.optimizers.SGD(0.1), "mse")
     with pytest.raises(ValueError, match="must use every device this process has"):
-        parallel.fit(_Unread(), epochs=1, verbose=0)
-
-
-class _Unread(keras.utils.PyDataset):
-    """A dataset whose batches must not be read (the error comes first)."""
-
-    def __len__(self):
-        return 1
-
-    def __getitem__(self, index):
-        raise AssertionError("a batch was read before the error")
+        parallel.fit(Unread(), epochs=1, verbose=0)
 
 
 def test_jax_a_distribution_other_than_data_parallel_is_refused():
