@@ -73,7 +73,7 @@ def batch_layout():
     return mesh, axis, int(mesh.shape[axis])
 
 
-def _process_devices(mesh, platform: str):
+def _process_devices(platform: str):
     """For each process, its devices in local order (as `jax.local_devices` lists them)."""
     by_process: dict[int, list] = {}
     for device in jax.devices(platform):
@@ -114,7 +114,7 @@ def _distributed_arrangement(mesh, sizes, devices, rows_global: int):
     share = rows_global // len(positions)
     block = max(sizes)
     platform = positions[0].platform
-    process_devices = _process_devices(mesh, platform)
+    process_devices = _process_devices(platform)
     local_index = [int(d.split(":")[-1]) for d in devices]
     take = np.zeros(len(positions) * block, dtype=np.int32)
     back = np.zeros(rows_global, dtype=np.int32)
