@@ -136,6 +136,53 @@ def test_jax_each_device_computes_its_own_block():
     np.testing.assert_allclose(_numpy(forward(params, x)), _numpy(template(x)), atol=1e-6)
 
 
+@pytest.mark.skipif(backend_name() != "jax", reason="JAX's SPMD layout")
+def test_jax_under_a_distribution_each_device_computes_its_own_block():
+    import re
+
+    import jax
+
+    distribution = keras.distribution.DataParallel()
+    if len(distribution.device_mesh.devices.flat) != 3:
+        pytest.skip("needs JAX's 3 host devices (tests/conftest.py)")
+    keras.distribution.set_distribution(distribution)
+    try:
+        template = mlp()
+        parallel = _parallel(template, 3, [2, 1, 1])
+        x, _ = data((6,), 12)  # slices of 6, 3 and 3 rows: blocks of 6 rows per device
+        sharding = distribution.get_data_layout(x.shape).backend_layout
+        x = jax.device_put(x, sharding)  # as Keras lays out the batch: 4 rows a device
+        params = [v.value for v in parallel.trainable_variables]
+        forward = jax.jit(lambda p, t: parallel.stateless_call(p, [], t)[0])
+        compiled = forward.lower(params, x).compile()
+        dots = set(re.findall(r"f32\[(\d+),16\]\{[^}]*\} dot", compiled.as_text()))
+        assert dots == {"6"}  # not the even 4 rows, nor the padded 18
+        expected = template(np.asarray(x))
+        np.testing.assert_allclose(_numpy(forward(params, x)), _numpy(expected), atol=1e-6)
+    finally:
+        keras.distribution.set_distribution(None)
+
+
+@pytest.mark.skipif(backend_name() != "jax", reason="JAX's SPMD layout")
+def test_jax_distributed_blocks_keep_each_process_rows_on_its_devices():
+    from types import SimpleNamespace
+
+    from keras_parallel._backend.jax.replicas import _distributed_arrangement
+
+    # 2 processes x 2 devices, mesh in id order; 8 global rows (4 a process),
+    # each process cut 3:1 over its devices, blocks of 3 padded with its first row.
+    devices = [
+        SimpleNamespace(id=i, process_index=p) for i, p in ((0, 0), (1, 0), (2048, 1), (2049, 1))
+    ]
+    mesh = SimpleNamespace(devices=np.array(devices, dtype=object))
+    take, back = _distributed_arrangement(mesh, [3, 1], ["/device:CPU:0", "/device:CPU:1"], 8)
+    assert take.tolist() == [0, 1, 2, 3, 0, 0, 4, 5, 6, 7, 4, 4]
+    assert back.tolist() == [0, 1, 2, 3, 6, 7, 8, 9]
+    # DataParallel's devices listed the other way round: the 3 rows go to device 1.
+    take, _ = _distributed_arrangement(mesh, [3, 1], ["/device:CPU:1", "/device:CPU:0"], 8)
+    assert take.tolist() == [3, 0, 0, 0, 1, 2, 7, 4, 4, 4, 5, 6]
+
+
 def test_one_device_trains_like_the_template_and_skips_its_layers_where_steps_are_eager(
     monkeypatch,
 ):

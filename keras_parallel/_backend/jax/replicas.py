@@ -73,10 +73,10 @@ def batch_layout():
     return mesh, axis, int(mesh.shape[axis])
 
 
-def _process_devices(platform: str):
-    """For each process, its devices in local order (as `jax.local_devices` lists them)."""
+def _process_devices(devices):
+    """For each process, its devices among `devices`, in local order (by id, as JAX lists them)."""
     by_process: dict[int, list] = {}
-    for device in jax.devices(platform):
+    for device in sorted(devices, key=lambda d: d.id):
         by_process.setdefault(device.process_index, []).append(device)
     return by_process
 
@@ -113,8 +113,7 @@ def _distributed_arrangement(mesh, sizes, devices, rows_global: int):
     positions = list(mesh.devices.flat)
     share = rows_global // len(positions)
     block = max(sizes)
-    platform = positions[0].platform
-    process_devices = _process_devices(platform)
+    process_devices = _process_devices(positions)
     local_index = [int(d.split(":")[-1]) for d in devices]
     take = np.zeros(len(positions) * block, dtype=np.int32)
     back = np.zeros(rows_global, dtype=np.int32)
