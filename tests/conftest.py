@@ -64,6 +64,23 @@ else:
         return None
 
 
+@pytest.fixture
+def jax_data_parallel_distribution():
+    """`keras.distribution.DataParallel()` over this process's 3 host devices (JAX)."""
+    if BACKEND != "jax":
+        pytest.skip("keras.distribution lays out a jitted step: JAX")
+    import keras
+
+    distribution = keras.distribution.DataParallel()
+    if len(distribution.device_mesh.devices.flat) != NUM_LOGICAL_CPUS:
+        pytest.skip(f"needs JAX's {NUM_LOGICAL_CPUS} host devices")
+    keras.distribution.set_distribution(distribution)
+    try:
+        yield distribution
+    finally:
+        keras.distribution.set_distribution(None)
+
+
 settings.register_profile(
     "ci",
     derandomize=True,

@@ -363,21 +363,6 @@ def test_jax_compiles_no_more_programs_than_plain_fit():
     assert 1 <= accumulated <= plain, counts
 
 
-@pytest.fixture
-def jax_data_parallel_distribution():
-    """`keras.distribution.DataParallel()` over this process's 3 host devices (JAX)."""
-    if backend_name() != "jax":
-        pytest.skip("keras.distribution lays out a jitted step: JAX")
-    distribution = keras.distribution.DataParallel()
-    if len(distribution.device_mesh.devices.flat) != 3:
-        pytest.skip("needs JAX's 3 host devices (tests/conftest.py)")
-    keras.distribution.set_distribution(distribution)
-    try:
-        yield distribution
-    finally:
-        keras.distribution.set_distribution(None)
-
-
 @pytest.mark.parametrize(
     "micro, split",
     [(2, None), (3, None), (2, [2, 1, 1])],

@@ -137,30 +137,25 @@ def test_jax_each_device_computes_its_own_block():
 
 
 @pytest.mark.skipif(backend_name() != "jax", reason="JAX's SPMD layout")
-def test_jax_under_a_distribution_each_device_computes_its_own_block():
+def test_jax_under_a_distribution_each_device_computes_its_own_block(
+    jax_data_parallel_distribution,
+):
     import re
 
     import jax
 
-    distribution = keras.distribution.DataParallel()
-    if len(distribution.device_mesh.devices.flat) != 3:
-        pytest.skip("needs JAX's 3 host devices (tests/conftest.py)")
-    keras.distribution.set_distribution(distribution)
-    try:
-        template = mlp()
-        parallel = _parallel(template, 3, [2, 1, 1])
-        x, _ = data((6,), 12)  # slices of 6, 3 and 3 rows: blocks of 6 rows per device
-        sharding = distribution.get_data_layout(x.shape).backend_layout
-        x = jax.device_put(x, sharding)  # as Keras lays out the batch: 4 rows a device
-        params = [v.value for v in parallel.trainable_variables]
-        forward = jax.jit(lambda p, t: parallel.stateless_call(p, [], t)[0])
-        compiled = forward.lower(params, x).compile()
-        dots = set(re.findall(r"f32\[(\d+),16\]\{[^}]*\} dot", compiled.as_text()))
-        assert dots == {"6"}  # not the even 4 rows, nor the padded 18
-        expected = template(np.asarray(x))
-        np.testing.assert_allclose(_numpy(forward(params, x)), _numpy(expected), atol=1e-6)
-    finally:
-        keras.distribution.set_distribution(None)
+    template = mlp()
+    parallel = _parallel(template, 3, [2, 1, 1])
+    x, _ = data((6,), 12)  # slices of 6, 3 and 3 rows: blocks of 6 rows per device
+    sharding = jax_data_parallel_distribution.get_data_layout(x.shape).backend_layout
+    x = jax.device_put(x, sharding)  # as Keras lays out the batch: 4 rows a device
+    params = [v.value for v in parallel.trainable_variables]
+    forward = jax.jit(lambda p, t: parallel.stateless_call(p, [], t)[0])
+    compiled = forward.lower(params, x).compile()
+    dots = set(re.findall(r"f32\[(\d+),16\]\{[^}]*\} dot", compiled.as_text()))
+    assert dots == {"6"}  # not the even 4 rows, nor the padded 18
+    expected = template(np.asarray(x))
+    np.testing.assert_allclose(_numpy(forward(params, x)), _numpy(expected), atol=1e-6)
 
 
 @pytest.mark.skipif(backend_name() != "jax", reason="JAX's SPMD layout")

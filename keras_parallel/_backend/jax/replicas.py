@@ -150,7 +150,9 @@ def sharded_call(call, inputs, sizes_for, devices, map_structure):
     rows_global = int(jax.tree_util.tree_leaves(inputs)[0].shape[0])
     layout = batch_layout()
     if layout is not None:
-        return _distributed_call(call, inputs, sizes_for, devices, map_structure, layout)
+        return _distributed_call(
+            call, inputs, sizes_for, devices, map_structure, layout, rows_global
+        )
     sizes = sizes_for(rows_global)
     rows = max(sizes)
     sharding = NamedSharding(_mesh(devices), PartitionSpec(_AXIS))
@@ -177,10 +179,9 @@ def sharded_call(call, inputs, sizes_for, devices, map_structure):
     return map_structure(gather, outputs)
 
 
-def _distributed_call(call, inputs, sizes_for, devices, map_structure, layout):
+def _distributed_call(call, inputs, sizes_for, devices, map_structure, layout, rows_global):
     """`sharded_call` under a `keras.distribution.DataParallel` (module docstring)."""
     mesh, axis, shards = layout
-    rows_global = int(jax.tree_util.tree_leaves(inputs)[0].shape[0])
     processes = len({d.process_index for d in mesh.devices.flat})
     sizes = sizes_for(rows_global // processes)
     sharding = NamedSharding(mesh, PartitionSpec(axis))
