@@ -42,9 +42,12 @@ times one `fit` of every configuration, interleaved, and the script prints the
 medians, the spread of the repeats ((max - min) / median), the CPU seconds per
 sample (process CPU time of all threads; the child's own for "one core"), and
 the ratios the goals are stated in: DataParallel 2 / limit, DataParallel 2 /
-Mirrored 2, DataParallel 1 / bare, and DataParallel 2 / two apart.
+Mirrored 2, DataParallel 1 / bare, and DataParallel 2 / two apart. Each ratio
+is taken per repeat (numerator and denominator timed within the same half
+minute, so a slow spell of a shared machine slows both) and summarized by its
+median and interquartile range over the repeats.
 
-    python benchmarks/data_parallel.py [--repeats 5] [--batches 16 32 64] [--quick]
+    python benchmarks/data_parallel.py [--repeats 9] [--batches 16 32 64] [--quick]
     TF_USE_LEGACY_KERAS=1 python benchmarks/data_parallel.py   # tf-keras
 
 What a CPU proxy cannot say about GPUs: kernel launch costs, host-to-device
@@ -149,7 +152,25 @@ class SpanTimer(keras.callbacks.Callback):
         self.cpu = time.process_time() - self.cpu
 
 
-def timed_fit(model, data, batch: int) -> tuple[float, float]:
+class StepTimes(keras.callbacks.Callback):
+    """Wall seconds of every step, from its batch-begin hook to its batch-end hook.
+
+    Batch hooks make `fit` wait for each step: used only where a step is
+    synchronous anyway (the one-thread child), never in a timed comparison.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.times = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.times.append(time.perf_counter() - self._start)
+
+
+def timed_fit(model, data, batch: int, callbacks=()) -> tuple[float, float]:
     """(samples/s, CPU seconds per sample) of one epoch of `EPOCH` clips.
 
     With several steps per call, the epoch is cut to a multiple of them (Keras
@@ -158,22 +179,38 @@ def timed_fit(model, data, batch: int) -> tuple[float, float]:
     timer = SpanTimer()
     per_call = int(np.asarray(getattr(model, "steps_per_execution", 1)))
     steps = EPOCH // batch // per_call * per_call
-    model.fit(data, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=[timer], shuffle=False)
+    model.fit(
+        data,
+        epochs=1,
+        steps_per_epoch=steps,
+        verbose=0,
+        callbacks=[timer, *callbacks],
+        shuffle=False,
+    )
     return steps * batch / timer.wall, timer.cpu / (steps * batch)
 
 
 def child_main() -> int:
-    """The one-core model: reads "BATCH" lines, answers one JSON line each."""
+    """The one-core model: reads "BATCH" or "BATCH steps" lines, answers one JSON line each.
+
+    With "steps" the answer also holds every step's wall seconds.
+    """
     keras.utils.set_random_seed(0)
     weights = build_template().get_weights()
     models, data = {}, {}
     for line in sys.stdin:
-        batch = int(line)
+        batch, *flags = line.split()
+        batch = int(batch)
         if batch not in models:
             models[batch], data[batch] = _compiled(_from(weights)), make_dataset(batch)
             timed_fit(models[batch], data[batch], batch)  # trace, warm up
-        rate, cpu = timed_fit(models[batch], data[batch], batch)
-        print(json.dumps({"rate": rate, "cpu": cpu}), flush=True)
+        step_times = StepTimes()
+        callbacks = [step_times] if "steps" in flags else []
+        rate, cpu = timed_fit(models[batch], data[batch], batch, callbacks)
+        answer = {"rate": rate, "cpu": cpu}
+        if callbacks:
+            answer["steps"] = step_times.times
+        print(json.dumps(answer), flush=True)
     return 0
 
 
@@ -188,13 +225,17 @@ class OneCore:
             text=True,
         )
 
-    def start(self, batch: int) -> None:
-        self.process.stdin.write(f"{batch}\n")
+    def start(self, batch: int, step_times: bool = False) -> None:
+        self.process.stdin.write(f"{batch} steps\n" if step_times else f"{batch}\n")
         self.process.stdin.flush()
 
     def result(self) -> tuple[float, float]:
-        answer = json.loads(self.process.stdout.readline())
+        answer = self.answer()
         return answer["rate"], answer["cpu"]
+
+    def answer(self) -> dict:
+        """The child's whole answer: "rate", "cpu" and, when asked for, "steps"."""
+        return json.loads(self.process.stdout.readline())
 
     def measure(self, batch: int) -> tuple[float, float]:
         self.start(batch)
@@ -266,29 +307,54 @@ def benchmark(repeats: int, batches) -> dict:
     return {"rates": rates, "cpu": cpu}
 
 
+#: The goal ratios: name -> (numerator config, denominator config, factor on
+#: the denominator). Each is taken per repeat, from figures measured minutes
+#: apart at most, then summarized over the repeats.
+RATIOS = {
+    "dp_over_limit": ("DataParallel 2", "one core", 2),
+    "mirrored_over_limit": ("Mirrored 2", "one core", 2),
+    "dp_over_mirrored": ("DataParallel 2", "Mirrored 2", 1),
+    "dp1_over_bare": ("DataParallel 1", "bare", 1),
+    "apart_over_limit": ("two apart", "one core", 2),
+    "dp_over_apart": ("DataParallel 2", "two apart", 1),
+    "dp_calls_over_limit": (CONFIGS[3], "one core", 2),
+    "dp_calls_over_apart": (CONFIGS[3], "two apart", 1),
+}
+
+
+def quartiles(values) -> tuple[float, float, float]:
+    """First quartile, median and third quartile of `values`."""
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q2, q3
+
+
 def summary(result, batches) -> dict:
-    """Medians, spreads, CPU s/sample and the goal ratios, per global batch."""
+    """Medians, spreads, CPU s/sample and the goal ratios, per global batch.
+
+    A goal ratio is the median of its per-repeat ratios (both figures from the
+    same repeat, so a slow minute of the machine slows both), with the
+    interquartile range of those ratios beside it ("<name>_iqr").
+    """
     rates, cpu = result["rates"], result["cpu"]
     out = {}
     for batch in batches:
         median = {c: statistics.median(rates[c, batch]) for c in CONFIGS}
-        limit = 2 * median["one core"]
-        out[batch] = {
+        row = {
             "median": median,
             "spread": {
                 c: (max(rates[c, batch]) - min(rates[c, batch])) / median[c] for c in CONFIGS
             },
             "cpu_ms": {c: 1000 * statistics.median(cpu[c, batch]) for c in CONFIGS},
-            "limit": limit,
-            "dp_over_limit": median["DataParallel 2"] / limit,
-            "mirrored_over_limit": median["Mirrored 2"] / limit,
-            "dp_over_mirrored": median["DataParallel 2"] / median["Mirrored 2"],
-            "dp1_over_bare": median["DataParallel 1"] / median["bare"],
-            "apart_over_limit": median["two apart"] / limit,
-            "dp_over_apart": median["DataParallel 2"] / median["two apart"],
-            "dp_calls_over_limit": median[CONFIGS[3]] / limit,
-            "dp_calls_over_apart": median[CONFIGS[3]] / median["two apart"],
+            "limit": 2 * median["one core"],
         }
+        for name, (top, bottom, factor) in RATIOS.items():
+            pairs = zip(rates[top, batch], rates[bottom, batch], strict=True)
+            per_repeat = [a / (factor * b) for a, b in pairs]
+            q1, q2, q3 = quartiles(per_repeat)
+            row[name], row[f"{name}_iqr"] = q2, (q1, q3)
+        out[batch] = row
     return out
 
 
@@ -296,7 +362,7 @@ def main(argv=None) -> int:
     if CHILD:
         return child_main()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--batches", type=int, nargs="+", default=[16, 32, 64])
     parser.add_argument("--quick", action="store_true", help="a smoke run: 2 repeats, batch 16")
     parser.add_argument("--json", help="also write the raw figures to this file")
@@ -354,13 +420,16 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for batch in args.batches:
         row = table[batch]
-        print(
-            f"| {batch} | {row['limit']:.1f} | {row['dp_over_limit']:.3f} "
-            f"| {row['mirrored_over_limit']:.3f} | {row['dp_over_mirrored']:.3f} "
-            f"| {row['dp1_over_bare']:.3f} | {row['apart_over_limit']:.3f} "
-            f"| {row['dp_over_apart']:.3f} | {row['dp_calls_over_limit']:.3f} "
-            f"| {row['dp_calls_over_apart']:.3f} |"
+        cells = " | ".join(
+            f"{row[name]:.3f} ({row[name + '_iqr'][0]:.2f}-{row[name + '_iqr'][1]:.2f})"
+            for name in RATIOS
         )
+        print(f"| {batch} | {row['limit']:.1f} | {cells} |")
+    print()
+    print(
+        "Ratios: the median of the per-repeat ratios (both figures from the same repeat), "
+        "in brackets their interquartile range; the limit column: 2 x the median of one core."
+    )
     print()
     print(
         f"run time {wall:.0f} s; load average before {load_before[0]:.2f}, after "
