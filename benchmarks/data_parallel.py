@@ -33,7 +33,12 @@ epoch per timed `fit`), from the same initial weights:
                     5 steps per call: Python's part of a step, during which
                     both devices wait, once per 5 steps)
     DataParallel 2  keras_parallel.DataParallel(template, devices=["/cpu:0", "/cpu:1"])
-    Mirrored 2      the template built under tf.distribute.MirroredStrategy (same devices)
+    Mirrored 2      the template built under tf.distribute.MirroredStrategy (same devices),
+                    in a child process with this one's threads and devices, so neither
+                    method runs beside the other's state (one measurement saw
+                    DataParallel 2 at 0.82-0.85 of two apart after a MirroredStrategy
+                    model had trained in its process, 0.93 before; a second saw no
+                    difference)
     DataParallel 1  keras_parallel.DataParallel(template, devices=["/cpu:0"])
     bare            the template alone (what DataParallel over one device is compared with)
 
@@ -71,13 +76,15 @@ os.environ["TF_ENABLE_ONEDNN_OPTS"] = "0"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-CHILD = "--one-core-child" in sys.argv
+CHILD_FLAGS = {"--one-core-child": "one core", "--mirrored-child": "Mirrored 2"}
+CHILD = next((kind for flag, kind in CHILD_FLAGS.items() if flag in sys.argv), None)
+ONE_CORE = CHILD == "one core"
 
 import tensorflow as tf  # noqa: E402
 
 tf.config.threading.set_intra_op_parallelism_threads(1)
-tf.config.threading.set_inter_op_parallelism_threads(1 if CHILD else 2)
-if not CHILD:  # two logical CPU devices, before anything touches a device
+tf.config.threading.set_inter_op_parallelism_threads(1 if ONE_CORE else 2)
+if not ONE_CORE:  # two logical CPU devices, before anything touches a device
     tf.config.set_logical_device_configuration(
         tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2
     )
@@ -191,18 +198,27 @@ def timed_fit(model, data, batch: int, callbacks=()) -> tuple[float, float]:
 
 
 def child_main() -> int:
-    """The one-core model: reads "BATCH" or "BATCH steps" lines, answers one JSON line each.
+    """A child: reads "BATCH" or "BATCH steps" lines, answers one JSON line each.
 
-    With "steps" the answer also holds every step's wall seconds.
+    The one-core child trains the template on one thread; the Mirrored child
+    trains it under a MirroredStrategy over the two logical devices, with the
+    parent's threads. With "steps" the answer also holds every step's wall
+    seconds.
     """
     keras.utils.set_random_seed(0)
     weights = build_template().get_weights()
+    strategy = None if ONE_CORE else tf.distribute.MirroredStrategy(devices=DEVICES)
     models, data = {}, {}
     for line in sys.stdin:
         batch, *flags = line.split()
         batch = int(batch)
         if batch not in models:
-            models[batch], data[batch] = _compiled(_from(weights)), make_dataset(batch)
+            if strategy is None:
+                models[batch] = _compiled(_from(weights))
+            else:
+                with strategy.scope():
+                    models[batch] = _compiled(_from(weights))
+            data[batch] = make_dataset(batch)
             timed_fit(models[batch], data[batch], batch)  # trace, warm up
         step_times = StepTimes()
         callbacks = [step_times] if "steps" in flags else []
@@ -214,12 +230,14 @@ def child_main() -> int:
     return 0
 
 
-class OneCore:
-    """The child process: `measure(batch)` times one epoch there while this one waits."""
+class Child:
+    """A child process (`kind`: "one core" or "Mirrored 2"): `measure(batch)` times
+    one epoch there while this one waits; `start` and `result` let two run at once."""
 
-    def __init__(self):
+    def __init__(self, kind: str = "one core"):
+        flag = next(f for f, k in CHILD_FLAGS.items() if k == kind)
         self.process = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--one-core-child"],
+            [sys.executable, os.path.abspath(__file__), flag],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -246,28 +264,11 @@ class OneCore:
         self.process.wait(timeout=60)
 
 
-def _mirrored_strategy(key_base: int):
-    """A MirroredStrategy over DEVICES (ring collectives on CPU).
-
-    Two MirroredStrategy objects in one process both number their collective
-    groups from 1; TensorFlow's own tests give each its own base through the
-    class attribute `_collective_key_base`, and so does this subclass.
-    """
-    strategy_class = type(
-        "MirroredStrategy", (tf.distribute.MirroredStrategy,), {"_collective_key_base": key_base}
-    )
-    return strategy_class(devices=DEVICES)
-
-
 def build_models(weights) -> dict:
-    strategy = _mirrored_strategy(key_base=100)
-    with strategy.scope():
-        mirrored = _compiled(_from(weights))
     dp = keras_parallel.DataParallel
     return {
         "DataParallel 2": _compiled(dp(_from(weights), devices=DEVICES)),
         CONFIGS[3]: _compiled(dp(_from(weights), devices=DEVICES), STEPS_PER_CALL),
-        "Mirrored 2": mirrored,
         "DataParallel 1": _compiled(dp(_from(weights), devices=DEVICES[:1])),
         "bare": _compiled(_from(weights)),
     }
@@ -278,11 +279,12 @@ def benchmark(repeats: int, batches) -> dict:
     weights = build_template().get_weights()
     models = build_models(weights)
     data = {b: make_dataset(b) for b in batches}
-    one_core, other_core = OneCore(), OneCore()
+    one_core, other_core, mirrored = Child(), Child(), Child("Mirrored 2")
     try:
         for batch in batches:  # the first fit of each shape traces
             one_core.measure(batch // 2)
             other_core.measure(batch // 2)
+            mirrored.measure(batch)
             for model in models.values():
                 timed_fit(model, data[batch], batch)
         rates = {(c, b): [] for b in batches for c in CONFIGS}
@@ -297,13 +299,15 @@ def benchmark(repeats: int, batches) -> dict:
                         other_core.start(batch // 2)
                         (rate_a, cpu_a), (rate_b, cpu_b) = one_core.result(), other_core.result()
                         rate, seconds = rate_a + rate_b, (cpu_a + cpu_b) / 2
+                    elif config == "Mirrored 2":
+                        rate, seconds = mirrored.measure(batch)
                     else:
                         rate, seconds = timed_fit(models[config], data[batch], batch)
                     rates[config, batch].append(rate)
                     cpu[config, batch].append(seconds)
     finally:
-        one_core.close()
-        other_core.close()
+        for child in (one_core, other_core, mirrored):
+            child.close()
     return {"rates": rates, "cpu": cpu}
 
 

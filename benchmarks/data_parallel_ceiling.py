@@ -206,7 +206,7 @@ def benchmark(repeats: int, batches, step_repeats: int) -> dict:
     cpu = {(c, b): [] for b in batches for c in CONFIGS}
     barrier = {b: [] for b in batches}
     spread = {b: [] for b in batches}
-    one_core, other_core = harness.OneCore(), harness.OneCore()
+    one_core, other_core = harness.Child(), harness.Child()
     try:
         for batch in batches:
             data = harness.make_dataset(batch)

@@ -176,6 +176,7 @@ def test_benchmark_plot_tables_are_on_the_page():
         "one core",
         "two apart",
         "DataParallel 2",
+        "DataParallel 2, 5 steps a call",
         "Mirrored 2",
         "DataParallel 1",
         "bare",
