@@ -246,11 +246,6 @@ def benchmark(repeats: int, batches, step_repeats: int) -> dict:
     return {"rates": rates, "cpu": cpu, "barrier": barrier, "spread": spread}
 
 
-def _quartiles(values):
-    q1, q2, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else (values * 3)
-    return q1, q2, q3
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=12)
@@ -281,7 +276,7 @@ def main(argv=None) -> int:
         apart = rates["two apart", batch]
         for config in CONFIGS:
             ratios = [r / a for r, a in zip(rates[config, batch], apart, strict=True)]
-            q1, q2, q3 = _quartiles(ratios)
+            q1, q2, q3 = harness.quartiles(ratios)
             print(
                 f"| {batch} | {config} | {statistics.median(rates[config, batch]):.1f} "
                 f"| {q2:.3f} | {q1:.3f}-{q3:.3f} "
