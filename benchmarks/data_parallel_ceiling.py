@@ -92,12 +92,15 @@ def hand_loops(weights, batch: int, steps: int) -> dict:
     copies = [harness._from(weights), harness._from(weights)]
     variables = shared.trainable_variables
 
+    def rows(tensor, i):  # device i's half of the batch
+        return tensor[i * half : (i + 1) * half]
+
     def sync_step(iterator):
         x, y = next(iterator)
         grads = []
         for i, device in enumerate(DEVICES):
             with tf.device(device), tf.GradientTape() as tape:
-                loss = _loss_sum(shared, x[i * half : (i + 1) * half], y[i * half : (i + 1) * half])
+                loss = _loss_sum(shared, rows(x, i), rows(y, i))
                 loss = loss / batch  # this slice's share of the batch mean
             grads.append(tape.gradient(loss, variables))
         with tf.device(DEVICES[0]):
@@ -110,7 +113,7 @@ def hand_loops(weights, batch: int, steps: int) -> dict:
             outputs = []
             for i, device in enumerate(DEVICES):
                 with tf.device(device):
-                    outputs.append(shared(x[i * half : (i + 1) * half], training=True))
+                    outputs.append(shared(rows(x, i), training=True))
             with tf.device(DEVICES[0]):
                 logits = tf.concat(outputs, 0)
                 loss = tf.reduce_mean(
@@ -125,7 +128,7 @@ def hand_loops(weights, batch: int, steps: int) -> dict:
         model = copies[i]
         with tf.device(DEVICES[i]):
             with tf.GradientTape() as tape:
-                loss = _loss_sum(model, x[i * half : (i + 1) * half], y[i * half : (i + 1) * half])
+                loss = _loss_sum(model, rows(x, i), rows(y, i))
                 loss = loss / half
             _sgd(model.trainable_variables, tape.gradient(loss, model.trainable_variables))
         return loss
