@@ -17,8 +17,9 @@ On JAX and torch only the backend-neutral tests run (tests/conftest.py lists
 them); the rest exercise TensorFlow itself.
 
 Every flavour runs even when an earlier one fails; the exit status is non-zero
-when any failed. The last line sums them up. Extra arguments go to pytest
-(`-x`, `-k name`, a test file).
+when any failed. The last line sums them up. `--flavour NAME` (repeatable:
+`tensorflow`, `tf_keras`, `jax`, `torch`) runs only those flavours. Other
+arguments go to pytest (`-x`, `-k name`, a test file).
 """
 
 from __future__ import annotations
@@ -67,10 +68,33 @@ def _counts(junit: Path) -> dict[str, int]:
     return counts
 
 
+def _chosen(argv: list[str]) -> tuple[set[str] | None, list[str]]:
+    """(the flavours named by `--flavour NAME`, or None for all; pytest's arguments)."""
+    names = {needs for *_, needs in FLAVOURS}
+    chosen: set[str] = set()
+    rest = []
+    args = iter(argv)
+    for arg in args:
+        if arg == "--flavour" or arg.startswith("--flavour="):
+            name = arg.split("=", 1)[1] if "=" in arg else next(args, "")
+            if name not in names:
+                raise SystemExit(
+                    f"Invalid value for `--flavour`. Expected one of {sorted(names)}. "
+                    f"Received: {name!r}"
+                )
+            chosen.add(name)
+        else:
+            rest.append(arg)
+    return (chosen or None), rest
+
+
 def main(argv: list[str]) -> int:
+    chosen, argv = _chosen(argv)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for index, (label, set_env, unset, needs) in enumerate(FLAVOURS):
+            if chosen is not None and needs not in chosen:
+                continue
             if importlib.util.find_spec(needs) is None:
                 print(f"\n===== {label}: not run ({needs} is not installed) =====", flush=True)
                 continue
