@@ -55,8 +55,50 @@ if IS_KERAS_3:
         ratio = ops.divide(ops.cast(numerator, "float32"), ops.cast(denominator, "float32"))
         return ops.multiply(value, ratio)
 
-    def call_on_local_values(layer, inputs, kwargs):
-        """Calls `layer` with its variables read as values on the current device.
+    def dtype_name(x) -> str:
+        return keras.backend.standardize_dtype(x.dtype)
+
+    def static_shape(x) -> list:
+        return list(x.shape)
+
+    cast = ops.cast
+    reshape = ops.reshape
+    maximum = ops.maximum
+
+    def sum_over(x, axes):
+        return ops.sum(x, axis=axes)
+
+    def count_over(x, axes, dtype):
+        """How many values of `x` each reduction over `axes` sums (one per channel)."""
+        shape = ops.shape(x)
+        count = ops.cast(shape[axes[0]], dtype)
+        for axis in axes[1:]:
+            count = count * ops.cast(shape[axis], dtype)
+        return count
+
+    def broadcast_like(w, x):
+        return ops.broadcast_to(w, ops.shape(x))
+
+    def expand_last(x):
+        return ops.expand_dims(x, -1)
+
+    def min_of(values):
+        return ops.min(ops.stack([ops.cast(v, "int32") for v in values]))
+
+    def where_positive(total, new, old):
+        return ops.where(ops.greater(total, 0), new, old)
+
+    def batch_normalization(x, mean, variance, keep_shape, channels, layer):
+        """`x` normalised as `layer` does in training, with the given moments (per channel)."""
+        gamma = ops.cast(layer.gamma, x.dtype) if layer.scale else None
+        beta = ops.cast(layer.beta, x.dtype) if layer.center else None
+        outputs = ops.batch_normalization(
+            x, mean, variance, axis=layer.axis, offset=beta, scale=gamma, epsilon=layer.epsilon
+        )
+        return ops.cast(outputs, layer.compute_dtype)
+
+    def call_on_local_values(layer, args, kwargs):
+        """Calls `layer(*args, **kwargs)` with its variables read as values on the current device.
 
         Each variable of `layer` is copied once onto the device in scope (the
         copy carries the gradient back to the variable), so nothing inside the
@@ -67,11 +109,11 @@ if IS_KERAS_3:
         as a plain call would; losses it adds are returned, summed, with the
         outputs: `(outputs, loss)`.
         """
-        variables = list(layer.variables)
+        variables = list(getattr(layer, "variables", None) or [])
         mapping = [(v, ops.copy(v)) for v in variables]
         with keras.StatelessScope(state_mapping=mapping, collect_losses=True) as scope:
             given = {id(v): scope.get_current_value(v) for v in variables}
-            outputs = layer(inputs, **kwargs)
+            outputs = layer(*args, **kwargs)
             losses = list(scope.losses)
         for variable in variables:
             value = scope.get_current_value(variable)
@@ -83,18 +125,30 @@ if IS_KERAS_3:
 else:
     from keras_parallel._backend.tensorflow.ops import (  # noqa: F401
         add_n,
+        batch_normalization,
         batch_size,
+        broadcast_like,
+        cast,
         ceil_boundary,
         concatenate,
         cond,
+        count_over,
+        dtype_name,
         empty_rows,
+        expand_last,
         flatten,
         greater,
         map_structure,
+        maximum,
+        min_of,
         pack_sequence_as,
+        reshape,
         slice_rows,
+        static_shape,
+        sum_over,
+        where_positive,
         zero_loss,
     )
 
-    def call_on_local_values(layer, inputs, kwargs):  # pragma: no cover - Keras 3 only
+    def call_on_local_values(layer, args, kwargs):  # pragma: no cover - Keras 3 only
         raise NotImplementedError("call_on_local_values needs keras.StatelessScope (Keras 3)")

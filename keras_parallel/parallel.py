@@ -197,6 +197,7 @@ def DataParallel(
     merge_device: str = "cpu",
     name: str | None = None,
     *,
+    batch_norm: str = "global",
     probe: DeviceProbe | None = None,
 ):
     """Returns a model that computes `model` on several devices, a slice of the batch each.
@@ -206,8 +207,9 @@ def DataParallel(
     on that device, and the outputs are concatenated back in order. All slices
     share the template's variables (no copies), so training the returned model
     trains `model`, and since the loss is computed on the concatenated outputs,
-    loss and gradient are the single-device ones (BatchNormalization and dropout
-    see per-slice batches: see docs/data_parallel.md).
+    loss and gradient are the single-device ones. BatchNormalization layers
+    normalise every slice with the whole batch's moments by default, as on one
+    device (`batch_norm`); dropout draws its masks per slice.
 
     The returned object is a plain functional `keras.Model`: compile, fit,
     evaluate, predict and save it as usual. Its inputs and outputs carry the
@@ -238,6 +240,17 @@ def DataParallel(
             (the first device) or a device name. Defaults to `"cpu"`.
         name: str or None. The returned model's name. Defaults to
             `"<template name>_data_parallel"`.
+        batch_norm: str. `"global"`: in training, every BatchNormalization
+            layer of the template (nested functional and Sequential models
+            included) normalises every slice with the mean and variance of the
+            whole batch, and moves its moving statistics once per step with
+            them: the single-device computation, gradients included. The
+            template's graph then runs layer by layer across the devices.
+            `"per_slice"`: each slice is normalised with its own moments and the
+            moving statistics move once per slice (Keras 2's `multi_gpu_model`).
+            A BatchNormalization layer inside a subclassed layer's own `call`
+            cannot be reached and stays per slice, with a warning. Saved with
+            the model. Defaults to `"global"`.
         probe: `keras_parallel.probes.DeviceProbe` or None. What measures
             memory and speed for `split="memory"`/`"speed"`; inject one to use
             known figures. Defaults to `DeviceProbe()`.
@@ -251,7 +264,8 @@ def DataParallel(
         ValueError: for a model that is not a built Keras model with known
             inputs, a fixed batch size or a stateful layer; an unknown device
             (the message lists the available ones); a `split` that does not give
-            one positive ratio per device.
+            one positive ratio per device; a `batch_norm` other than `"global"`
+            or `"per_slice"`.
 
     Example:
 
@@ -271,6 +285,11 @@ def DataParallel(
     ```
     """
     global _warned_single_device
+    if batch_norm not in ("global", "per_slice"):
+        raise ValueError(
+            "Invalid value for argument `batch_norm`. Expected 'global' or 'per_slice'. "
+            f"Received: batch_norm={batch_norm!r}"
+        )
     _check_template(model)
     resolved = resolve_devices(devices)
     probe = probe or DeviceProbe()
@@ -302,6 +321,7 @@ def DataParallel(
         merge_device=merge_device,
         split=split_value,
         split_figures=figures,
+        batch_norm=batch_norm,
         name=core_name,
     )
     merged = core(inputs)

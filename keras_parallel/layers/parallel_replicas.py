@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import types
 
-from keras_parallel import _ops
+from keras_parallel import _batch_norm, _graph, _ops
 from keras_parallel._compat import backend_name, keras, register
 from keras_parallel._validation import validate_ratios
 from keras_parallel._warnings import warn
@@ -45,6 +45,42 @@ def _plain(value):
 
 def _dtype_name(dtype) -> str:
     return getattr(dtype, "name", None) or str(dtype)
+
+
+BATCH_NORM_MODES = ("global", "per_slice")
+
+
+def _batch_norm_reach(model):
+    """What the graph walk reaches: (BatchNormalization layers, graph models holding them,
+    [(layer, why not)] for the BatchNormalization layers it cannot reach).
+
+    The walk reaches a BatchNormalization layer that is a node of the template's
+    graph, or of a functional or Sequential model nested in it (recursively).
+    One inside any other layer's own `call` (a subclassed layer, a wrapper such
+    as `TimeDistributed`) computes its moments where keras_parallel cannot see.
+    """
+    reached, holders, missed = [], [], []
+
+    def visit(layer) -> bool:
+        if _batch_norm.is_batch_norm(layer):
+            reason = _batch_norm.unsupported_reason(layer)
+            if reason is None:
+                reached.append(layer)
+                return True
+            missed.append((layer, reason))
+            return False
+        if _graph.is_graph_model(layer):
+            found = [visit(child) for child in layer.layers]
+            if any(found):
+                holders.append(layer)
+            return any(found)
+        for inner in _graph.all_sublayers(layer):
+            if _batch_norm.is_batch_norm(inner):
+                missed.append((inner, f"it runs inside {layer.name!r}'s own call()"))
+        return False
+
+    visit(model)
+    return reached, holders, missed
 
 
 @register
@@ -89,6 +125,13 @@ class ParallelReplicas(keras.layers.Wrapper):
         split_figures: dict or None. The figures a measured split was
             computed from (bytes or samples/s per device), kept for reference.
             Defaults to `None`.
+        batch_norm: str. `"global"`: in training, every BatchNormalization
+            layer of the template normalises every slice with the moments of
+            the whole batch and moves its moving statistics once per step, as
+            the template on one device does. `"per_slice"`: each slice is
+            normalised with its own moments and moves the moving statistics
+            once per slice (the template called on each slice, as Keras 2's
+            `multi_gpu_model` did). Defaults to `"global"`.
         **kwargs: base layer keyword arguments, such as `name`.
 
     Call arguments:
@@ -116,9 +159,16 @@ class ParallelReplicas(keras.layers.Wrapper):
         merge_device="cpu",
         split=None,
         split_figures=None,
+        batch_norm="global",
         **kwargs,
     ):
         super().__init__(layer, **kwargs)
+        if batch_norm not in BATCH_NORM_MODES:
+            raise ValueError(
+                "Invalid value for argument `batch_norm`. Expected 'global' or "
+                f"'per_slice'. Received: batch_norm={batch_norm!r}"
+            )
+        self.batch_norm = batch_norm
         if isinstance(devices, str) or not devices:
             raise ValueError(
                 "Invalid value for argument `devices`. Expected a non-empty list of device "
@@ -173,6 +223,18 @@ class ParallelReplicas(keras.layers.Wrapper):
         # slices: this layer does not support it, so "auto" resolves to no XLA.
         if backend_name() == "tensorflow":
             self.supports_jit = False
+        self._global_batch_norms, self._walked_models, missed = _batch_norm_reach(layer)
+        if batch_norm == "global" and missed and len(resolved) > 1:
+            names = ", ".join(f"{bn.name!r} ({why})" for bn, why in missed)
+            warn(
+                "DataParallel(batch_norm='global') cannot give these BatchNormalization "
+                f"layers the whole batch's moments: {names}. They normalise each slice "
+                "with the slice's own moments. Build them as layers of a functional or "
+                "Sequential model (nested models are fine), or pass "
+                "batch_norm='per_slice' to accept per-slice statistics everywhere "
+                "(see the troubleshooting page, 'BatchNormalization layers keep "
+                "per-slice statistics').",
+            )
 
     @property
     def devices(self) -> list[str]:
@@ -241,7 +303,7 @@ class ParallelReplicas(keras.layers.Wrapper):
         kwargs = {} if training is None else {"training": training}
         if not self._collects_losses:
             return self.layer(piece, **kwargs), None
-        outputs, loss = _ops.call_on_local_values(self.layer, piece, kwargs)
+        outputs, loss = _ops.call_on_local_values(self.layer, (piece,), kwargs)
         rows = _ops.batch_size(_ops.flatten(piece)[0])
         return outputs, _ops.scale_by_ratio(loss, rows, batch)
 
@@ -285,6 +347,107 @@ class ParallelReplicas(keras.layers.Wrapper):
         )
         return outputs, None
 
+    def _walks(self, training) -> bool:
+        """True when this call must run the template layer by layer (global moments)."""
+        return (
+            self.batch_norm == "global"
+            and training is True
+            and any(bn.trainable for bn in self._global_batch_norms)
+        )
+
+    def _call_layer(self, layer, args, kwargs, rows, batch):
+        """One layer of the walk on one slice: (outputs, its share of the losses or None)."""
+        if not self._collects_losses:
+            return layer(*args, **kwargs), None
+        outputs, loss = _ops.call_on_local_values(layer, args, kwargs)
+        return outputs, _ops.scale_by_ratio(loss, rows, batch)
+
+    def _walk(self, pieces, devices, training, batch):
+        """The template on `pieces` (one per device), layer by layer: [(outputs, loss)].
+
+        Every layer runs on every piece, each on its device, before the next
+        layer; a reachable BatchNormalization layer in training normalises all
+        pieces with the whole batch's moments (`_batch_norm.normalize_parts`).
+        """
+        rows = [_ops.batch_size(_ops.flatten(p)[0]) for p in pieces]
+        losses = [[] for _ in pieces]
+        global_ids = {id(bn) for bn in self._global_batch_norms}
+        walked_ids = {id(model) for model in self._walked_models}
+
+        def call(layer, arguments):
+            explicit = arguments[0][1].get("training", None)
+            if (
+                id(layer) in global_ids
+                and layer.trainable
+                and explicit is not False
+                and all(len(args) == 1 for args, _ in arguments)
+            ):
+                return _normalize(layer, [args[0] for args, _ in arguments], devices)
+            if id(layer) in walked_ids and all(
+                len(args) == 1 and not set(kwargs) - {"training"} for args, kwargs in arguments
+            ):
+                return _graph.run_parts(layer, [args[0] for args, _ in arguments], call)
+            results = []
+            for k, (args, kwargs) in enumerate(arguments):
+                with device_scope(devices[k]):
+                    outputs, loss = self._call_layer(layer, args, kwargs, rows[k], batch)
+                if loss is not None:
+                    losses[k].append(loss)
+                results.append(outputs)
+            return results
+
+        outputs = _graph.run_parts(self.layer, pieces, call)
+        if not self._collects_losses:
+            return [(out, None) for out in outputs]
+        return [
+            (out, _ops.add_n(loss) if loss else _ops.zero_loss())
+            for out, loss in zip(outputs, losses, strict=True)
+        ]
+
+    def _merge(self, results):
+        """(outputs concatenated on the merge device, summed losses or None)."""
+        losses = [loss for _, loss in results if loss is not None]
+        with device_scope(self._merge_on):
+            outputs = _ops.map_structure(
+                lambda *parts: _ops.concatenate(parts), *[outputs for outputs, _ in results]
+            )
+        return outputs, (_ops.add_n(losses) if losses else None)
+
+    def _walked_call(self, inputs, training):
+        """Training with whole-batch BatchNormalization moments: (outputs, loss or None).
+
+        Empty slices are left out of the walk. Where the rows are only known at
+        run time (a traced TensorFlow step), a batch that leaves a slice empty is
+        a batch of fewer rows than devices (or than the smallest share needs):
+        it runs unsliced on the first device, which gives the same moments.
+        """
+        self._refuse_xla()
+        batch = _ops.batch_size(_ops.flatten(inputs)[0])
+        pieces = []
+        for slicer, device in zip(self._slicers, self.placement, strict=True):
+            with device_scope(device):
+                pieces.append(slicer(inputs))
+        rows = [_ops.batch_size(_ops.flatten(p)[0]) for p in pieces]
+        if all(isinstance(r, int) for r in rows):
+            live = [k for k, r in enumerate(rows) if r > 0] or [0]
+            walked = self._walk(
+                [pieces[k] for k in live], [self.placement[k] for k in live], training, batch
+            )
+            return self._merge(walked)
+
+        def whole():
+            with device_scope(self.placement[0]):
+                outputs, loss = self._call_replica(inputs, training, batch)
+            return self._merge([(outputs, loss)])
+
+        def walked():
+            return self._merge(self._walk(pieces, self.placement, training, batch))
+
+        every = _ops.greater(_ops.min_of(rows), 0)
+        if self._collects_losses:
+            return _ops.cond(every, walked, whole)
+        return _ops.cond(every, lambda: walked()[0], lambda: whole()[0]), None
+
     def replica_outputs(self, inputs, training=None):
         """Per-device outputs, before concatenation (one structure per device)."""
         return [outputs for outputs, _ in self._replicas(inputs, training)]
@@ -327,14 +490,13 @@ class ParallelReplicas(keras.layers.Wrapper):
             kwargs = {} if training is None else {"training": training}
             with device_scope(self.placement[0]):
                 return self.layer(inputs, **kwargs)
-        results = self._replicas(inputs, training)
-        losses = [loss for _, loss in results if loss is not None]
-        if losses:
-            self.add_loss(_ops.add_n(losses))
-        with device_scope(self._merge_on):
-            return _ops.map_structure(
-                lambda *parts: _ops.concatenate(parts), *[outputs for outputs, _ in results]
-            )
+        if self._walks(training):
+            outputs, loss = self._walked_call(inputs, training)
+        else:
+            outputs, loss = self._merge(self._replicas(inputs, training))
+        if loss is not None:
+            self.add_loss(loss)
+        return outputs
 
     def _sharded_call(self, inputs, training):
         """JAX: one call of the template, each device's slice sharded onto it."""
@@ -363,4 +525,18 @@ class ParallelReplicas(keras.layers.Wrapper):
             "merge_device": self.merge_device,
             "split": self.split,
             "split_figures": self.split_figures,
+            "batch_norm": self.batch_norm,
         }
+
+
+def _normalize(layer, xs, devices):
+    """A BatchNormalization layer on every piece with the whole batch's moments."""
+    masks = [_graph.mask_of(x) for x in xs]
+    weights = None
+    if any(m is not None for m in masks):
+        weights = [None if m is None else _ops.expand_last(m) for m in masks]
+    outputs = _batch_norm.normalize_parts(layer, xs, devices, weights=weights)
+    for out, mask in zip(outputs, masks, strict=True):
+        if mask is not None:
+            _graph.set_mask(out, mask)
+    return outputs

@@ -45,3 +45,65 @@ def zero_loss():
 
 def add_n(values):
     return tf.add_n(list(values))
+
+
+def dtype_name(x) -> str:
+    return tf.as_dtype(x.dtype).name
+
+
+def static_shape(x) -> list:
+    return x.shape.as_list()
+
+
+def cast(x, dtype):
+    return tf.cast(x, dtype)
+
+
+def reshape(x, shape):
+    return tf.reshape(x, shape)
+
+
+def maximum(a, b):
+    return tf.maximum(a, b)
+
+
+def sum_over(x, axes):
+    return tf.reduce_sum(x, axis=axes)
+
+
+def count_over(x, axes, dtype):
+    """How many values of `x` each reduction over `axes` sums (one per channel)."""
+    shape = tf.shape(x)
+    return tf.cast(tf.reduce_prod(tf.gather(shape, axes)), dtype)
+
+
+def broadcast_like(w, x):
+    return tf.broadcast_to(w, tf.shape(x))
+
+
+def expand_last(x):
+    return tf.expand_dims(x, -1)
+
+
+def min_of(values):
+    return tf.reduce_min(tf.stack([tf.cast(v, tf.int32) for v in values]))
+
+
+def where_positive(total, new, old):
+    return tf.where(total > 0, new, old)
+
+
+def batch_normalization(x, mean, variance, keep_shape, channels, layer):
+    """`x` normalised as `layer` does in training, with the given moments (per channel)."""
+    rank = len(x.shape)
+    gamma = keep_shape(tf.cast(layer.gamma, x.dtype), rank, channels) if layer.scale else None
+    beta = keep_shape(tf.cast(layer.beta, x.dtype), rank, channels) if layer.center else None
+    outputs = tf.nn.batch_normalization(
+        x,
+        keep_shape(mean, rank, channels),
+        keep_shape(variance, rank, channels),
+        beta,
+        gamma,
+        layer.epsilon,
+    )
+    return tf.cast(outputs, layer.compute_dtype)
