@@ -79,6 +79,9 @@ if IS_KERAS_3:
     def broadcast_like(w, x):
         return ops.broadcast_to(w, ops.shape(x))
 
+    def constant(values):
+        return ops.convert_to_tensor(values, dtype="float32")
+
     def expand_last(x):
         return ops.expand_dims(x, -1)
 
@@ -132,6 +135,7 @@ else:
         ceil_boundary,
         concatenate,
         cond,
+        constant,
         count_over,
         dtype_name,
         empty_rows,

@@ -355,20 +355,24 @@ class ParallelReplicas(keras.layers.Wrapper):
             and any(bn.trainable for bn in self._global_batch_norms)
         )
 
-    def _call_layer(self, layer, args, kwargs, rows, batch):
+    def _call_layer(self, layer, args, kwargs, rows, batch, collect=True):
         """One layer of the walk on one slice: (outputs, its share of the losses or None)."""
-        if not self._collects_losses:
+        if not (collect and self._collects_losses):
             return layer(*args, **kwargs), None
         outputs, loss = _ops.call_on_local_values(layer, args, kwargs)
         return outputs, _ops.scale_by_ratio(loss, rows, batch)
 
-    def _walk(self, pieces, devices, training, batch):
+    def _walk(self, pieces, devices, training, batch, normalize=None):
         """The template on `pieces` (one per device), layer by layer: [(outputs, loss)].
 
         Every layer runs on every piece, each on its device, before the next
         layer; a reachable BatchNormalization layer in training normalises all
-        pieces with the whole batch's moments (`_batch_norm.normalize_parts`).
+        pieces with the whole batch's moments (`normalize(layer, inputs,
+        devices)`, by default `_normalize`). A device of None places nothing
+        (JAX's one sharded piece, whose layers add their losses themselves).
         """
+        normalize = normalize or _normalize
+        collect = devices[0] is not None
         rows = [_ops.batch_size(_ops.flatten(p)[0]) for p in pieces]
         losses = [[] for _ in pieces]
         global_ids = {id(bn) for bn in self._global_batch_norms}
@@ -382,22 +386,24 @@ class ParallelReplicas(keras.layers.Wrapper):
                 and explicit is not False
                 and all(len(args) == 1 for args, _ in arguments)
             ):
-                return _normalize(layer, [args[0] for args, _ in arguments], devices)
+                return normalize(layer, [args[0] for args, _ in arguments], devices)
             if id(layer) in walked_ids and all(
                 len(args) == 1 and not set(kwargs) - {"training"} for args, kwargs in arguments
             ):
                 return _graph.run_parts(layer, [args[0] for args, _ in arguments], call)
             results = []
             for k, (args, kwargs) in enumerate(arguments):
-                with device_scope(devices[k]):
-                    outputs, loss = self._call_layer(layer, args, kwargs, rows[k], batch)
+                with _batch_norm.device_scope(devices[k]):
+                    outputs, loss = self._call_layer(
+                        layer, args, kwargs, rows[k], batch, collect=collect
+                    )
                 if loss is not None:
                     losses[k].append(loss)
                 results.append(outputs)
             return results
 
         outputs = _graph.run_parts(self.layer, pieces, call)
-        if not self._collects_losses:
+        if not (collect and self._collects_losses):
             return [(out, None) for out in outputs]
         return [
             (out, _ops.add_n(loss) if loss else _ops.zero_loss())
@@ -499,20 +505,36 @@ class ParallelReplicas(keras.layers.Wrapper):
         return outputs
 
     def _sharded_call(self, inputs, training):
-        """JAX: one call of the template, each device's slice sharded onto it."""
-        from keras_parallel._backend.jax.replicas import sharded_call
+        """JAX: one call of the template, each device's slice sharded onto it.
+
+        Each device's slice is a block of the largest slice's rows (padded). With
+        BatchNormalization in training, where padding rows would enter the
+        moments (an unequal split) or where each slice must keep its own
+        (`batch_norm="per_slice"`), the template runs layer by layer and its
+        BatchNormalization layers weigh the padding rows 0.
+        """
+        from keras_parallel._backend.jax.replicas import batch_layout, sharded_call
 
         kwargs = {} if training is None else {"training": training}
         batch = _ops.batch_size(_ops.flatten(inputs)[0])
         if not isinstance(batch, int) or batch == 0:
             return self.layer(inputs, **kwargs)  # symbolic, or nothing to cut
-        return sharded_call(
-            lambda blocks: self.layer(blocks, **kwargs),
-            inputs,
-            self.slice_sizes,
-            self.placement,
-            _ops.map_structure,
-        )
+        sizes = self.slice_sizes(batch)
+        in_training = training is True and any(bn.trainable for bn in self._global_batch_norms)
+        per_slice = self.batch_norm == "per_slice"
+        if in_training and (per_slice or len(set(sizes)) > 1) and batch_layout() is None:
+
+            def call(blocks):
+                normalize = _block_normalizer(sizes, per_slice)
+                ((outputs, _),) = self._walk([blocks], [None], training, batch, normalize)
+                return outputs
+
+        else:
+
+            def call(blocks):
+                return self.layer(blocks, **kwargs)
+
+        return sharded_call(call, inputs, self.slice_sizes, self.placement, _ops.map_structure)
 
     def compute_output_shape(self, input_shape):
         return self.layer.compute_output_shape(input_shape)
@@ -540,3 +562,37 @@ def _normalize(layer, xs, devices):
         if mask is not None:
             _graph.set_mask(out, mask)
     return outputs
+
+
+def _block_normalizer(sizes, per_slice):
+    """JAX: BatchNormalization over the blocks of `sizes` rows, each padded to the largest.
+
+    The padding rows weigh 0. `per_slice`: each block with its own moments
+    (moving statistics moved once per block, in order); else one set of moments
+    for the whole batch.
+    """
+    rows = max(sizes)
+    valid = [[1.0] * size + [0.0] * (rows - size) for size in sizes]
+    padded = any(size < rows for size in sizes)
+
+    def weight(flags, rank):
+        return _ops.reshape(_ops.constant(flags), (len(flags),) + (1,) * (rank - 1))
+
+    def normalize(layer, xs, devices):
+        (x,) = xs
+        rank = len(_ops.static_shape(x))
+        if not per_slice:
+            weights = [weight(sum(valid, []), rank)] if padded else None
+            return _batch_norm.normalize_parts(layer, [x], [None], weights=weights)
+        blocks = [_ops.slice_rows(x, k * rows, (k + 1) * rows) for k in range(len(sizes))]
+        weights = [weight(flags, rank) if padded else None for flags in valid]
+        outputs = _batch_norm.normalize_parts(
+            layer,
+            blocks,
+            [None] * len(blocks),
+            weights=weights if padded else None,
+            groups=[[k] for k in range(len(blocks))],
+        )
+        return [_ops.concatenate(outputs)]
+
+    return normalize

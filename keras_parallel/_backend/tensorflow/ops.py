@@ -81,6 +81,10 @@ def broadcast_like(w, x):
     return tf.broadcast_to(w, tf.shape(x))
 
 
+def constant(values):
+    return tf.constant(values, dtype=tf.float32)
+
+
 def expand_last(x):
     return tf.expand_dims(x, -1)
 
