@@ -32,6 +32,7 @@ BACKEND_NEUTRAL = {
     "test_accumulation_backends.py",
     "test_backend_probes.py",
     "test_backends.py",
+    "test_batch_norm.py",
     "test_layout.py",
     "test_multi_worker_jax.py",
 }

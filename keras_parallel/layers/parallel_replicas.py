@@ -388,7 +388,10 @@ class ParallelReplicas(keras.layers.Wrapper):
             ):
                 return normalize(layer, [args[0] for args, _ in arguments], devices)
             if id(layer) in walked_ids and all(
-                len(args) == 1 and not set(kwargs) - {"training"} for args, kwargs in arguments
+                len(args) == 1
+                and kwargs.get("training") is not False
+                and all(v is None for k, v in kwargs.items() if k != "training")
+                for args, kwargs in arguments
             ):
                 return _graph.run_parts(layer, [args[0] for args, _ in arguments], call)
             results = []
