@@ -20,7 +20,11 @@ from __future__ import annotations
 from keras_parallel import _ops
 from keras_parallel._compat import IS_KERAS_3, keras
 
-__all__ = ["all_sublayers", "is_graph_model", "mask_of", "run_parts", "set_mask", "sublayers"]
+__all__ = [
+    "all_sublayers",
+    "is_graph_model",
+    "mask_of",
+    "masked_input", "run_parts", "set_mask", "sublayers"]
 
 
 def _defines_call(model) -> str | None:
@@ -86,6 +90,15 @@ def mask_of(x):
     Keras keeps it on the tensor itself (`_keras_mask`, both flavours).
     """
     return getattr(x, "_keras_mask", None)
+
+
+def masked_input(layer) -> bool:
+    """True when a Keras mask reaches `layer` in the graph it was built in."""
+    try:
+        inputs = layer.input
+    except (AttributeError, ValueError, RuntimeError):  # shared, or never called
+        return False
+    return any(mask_of(x) is not None for x in _ops.flatten(inputs))
 
 
 def set_mask(x, mask) -> None:

@@ -64,6 +64,9 @@ def _batch_norm_reach(model):
     def visit(layer) -> bool:
         if _batch_norm.is_batch_norm(layer):
             reason = _batch_norm.unsupported_reason(layer)
+            if reason is None and backend_name() == "jax" and _graph.masked_input(layer):
+                # JAX arrays carry no Keras mask where keras_parallel could read it.
+                reason = "a Keras mask reaches it, which keras_parallel cannot read on JAX"
             if reason is None:
                 reached.append(layer)
                 return True
