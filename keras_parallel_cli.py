@@ -260,6 +260,7 @@ def _plan_command(args) -> int:
             devices=None if is_parallel else devices,
             split=None if is_parallel else args.split,
             micro_batch_size=args.micro_batch_size,
+            batch_norm=None if is_parallel else args.batch_norm,
             memory_budget=(
                 None if args.memory_budget_mib is None else args.memory_budget_mib * 2**20
             ),
@@ -335,6 +336,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--split", type=_split, default=None, help="even, memory, speed, or ratios: 2,1"
     )
     plan.add_argument("--micro-batch-size", type=_micro, default=None, help='an int or "auto"')
+    plan.add_argument(
+        "--batch-norm",
+        choices=["global", "per_slice"],
+        default=None,
+        help="BatchNormalization statistics of the whole step (global, the default) or "
+        "of each device's slice (per_slice); a DataParallel model brings its own",
+    )
     plan.add_argument(
         "--memory-budget-mib",
         type=_positive_int,

@@ -34,6 +34,7 @@ __all__ = [
     "validate_positive_int",
     "validate_positive_number",
     "validate_ratios",
+    "validate_batch_norm",
 ]
 
 
@@ -189,6 +190,16 @@ def validate_choice(value, name: str, choices: Iterable[str]) -> str:
         listed = ", ".join(repr(c) for c in choices)
         raise _invalid(name, f"one of {listed}", value)
     return value.lower()
+
+
+BATCH_NORM_MODES = ("global", "per_slice")
+
+
+def validate_batch_norm(value, name: str = "batch_norm") -> str:
+    """Checks DataParallel's `batch_norm`: "global" or "per_slice" (exactly)."""
+    if not isinstance(value, str) or value not in BATCH_NORM_MODES:
+        raise _invalid(name, "'global' or 'per_slice'", value)
+    return value
 
 
 def validate_memory_source(value, name: str, *, allow_none: bool = False, allow_bool: bool = False):

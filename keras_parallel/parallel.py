@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from keras_parallel import _ops
 from keras_parallel._backend.common.models import input_structure
 from keras_parallel._compat import IS_KERAS_3, keras
-from keras_parallel._validation import validate_ratios
+from keras_parallel._validation import validate_batch_norm, validate_ratios
 from keras_parallel._warnings import warn
 from keras_parallel.devices import resolve_devices
 from keras_parallel.layers.batch_slice import BatchSlice
@@ -285,11 +285,7 @@ def DataParallel(
     ```
     """
     global _warned_single_device
-    if batch_norm not in ("global", "per_slice"):
-        raise ValueError(
-            "Invalid value for argument `batch_norm`. Expected 'global' or 'per_slice'. "
-            f"Received: batch_norm={batch_norm!r}"
-        )
+    validate_batch_norm(batch_norm)
     _check_template(model)
     resolved = resolve_devices(devices)
     probe = probe or DeviceProbe()

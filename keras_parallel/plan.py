@@ -6,7 +6,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
-from keras_parallel import _backend, _validation, accumulation_plan
+from keras_parallel import _backend, _batch_norm, _graph, _validation, accumulation_plan
 from keras_parallel.devices import resolve_devices
 from keras_parallel.layers.batch_slice import slice_sizes
 from keras_parallel.parallel import _resolve_split, replicas, unwrap
@@ -47,6 +47,10 @@ class Plan:
             ``margin * limit``; None when figures are missing (a CPU).
         margin: float. Share of each limit the plan may use.
         notes: list of str. How the figures were obtained.
+        batch_norm: str or None. What the model's BatchNormalization layers
+            normalise with: `"global"` (the rows of a whole step over all
+            devices) or `"per_slice"` (each device's slice), as `DataParallel`'s
+            `batch_norm`; None when the model has none.
 
     Example:
 
@@ -74,6 +78,7 @@ class Plan:
     fits: bool | None
     margin: float
     notes: list[str] = field(default_factory=list)
+    batch_norm: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -104,10 +109,24 @@ class Plan:
                 f"{device:<16}{self.ratios[i]:>7.3g}{self.rows_per_device[i]:>7}{computes}"
                 f"{mib(peak):>11}{mib(limit):>11}{use:>7}"
             )
+        if self.batch_norm is not None:
+            lines.append(self._batch_norm_line())
         verdict = {True: "fits", False: "DOES NOT FIT", None: "unknown (no memory figures)"}
         lines.append(f"fits within {self.margin:.0%} of each limit: {verdict[self.fits]}")
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
+
+    def _batch_norm_line(self) -> str:
+        """What the BatchNormalization layers' statistics are computed over."""
+        setting = f"(batch_norm={self.batch_norm!r})"
+        if self.batch_norm == "per_slice" and len(self.devices) > 1:
+            rows = ", ".join(str(r) for r in self.rows_per_device)
+            return f"BatchNormalization: statistics of each device's slice ({rows} rows) {setting}"
+        what = "the whole batch" if self.accumulation_steps <= 1 else "each micro step"
+        return (
+            f"BatchNormalization: statistics of {what} ({self.rows_per_step} rows, "
+            f"over all devices) {setting}"
+        )
 
     def _steps(self) -> str:
         """The steps and each device's rows of a full step, as the table shows them."""
@@ -129,6 +148,7 @@ def plan(
     split=None,
     micro_batch_size: None | int | str = None,
     *,
+    batch_norm: str | None = None,
     memory_budget: int | None = None,
     memory_margin: float = 0.8,
     memory_probe: Callable[[int], int | None] | None = None,
@@ -149,6 +169,9 @@ def plan(
         micro_batch_size: None (no accumulation), an int (rows per device per
             micro step), or `"auto"` (the largest that fits each device's
             budget). Defaults to `None`.
+        batch_norm: None, `"global"` or `"per_slice"`, as for `DataParallel`
+            (a `DataParallel` model brings its own). Defaults to `None`
+            (`"global"`).
         memory_budget: int or None. Bytes each device may use when its limit is
             unknown (a CPU). Defaults to `None`.
         memory_margin: float in (0, 1]. Share of each limit a plan may fill.
@@ -201,10 +224,19 @@ def plan(
                 f"and split. Received: devices={devices!r}, split={split!r}"
             )
         device_list, ratios = list(core.placement), list(core.ratios)
+        if batch_norm is not None and batch_norm != core.batch_norm:
+            raise ValueError(
+                "Invalid arguments for `plan`. A DataParallel model brings its own "
+                f"batch_norm ({core.batch_norm!r}). Received: batch_norm={batch_norm!r}"
+            )
+        batch_norm = core.batch_norm
     else:
         device_list = resolve_devices(devices)
         ratios, _ = _resolve_split(split, device_list, template, probe)
     n = len(device_list)
+    batch_norm = _validation.validate_batch_norm(batch_norm or "global")
+    if not any(_batch_norm.is_batch_norm(layer) for layer in _graph.all_sublayers(template)):
+        batch_norm = None
 
     limits: list[int | None] = []
     for device in device_list:
@@ -259,6 +291,7 @@ def plan(
         fits=fits,
         margin=memory_margin,
         notes=notes,
+        batch_norm=batch_norm,
     )
 
 

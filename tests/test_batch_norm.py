@@ -253,3 +253,25 @@ def test_masked_positions_are_not_counted():
         rtol=2e-5,
         atol=2e-5,
     )
+
+
+def test_plan_says_what_the_statistics_cover():
+    devices = _cpus()[:1]
+    plain = keras_parallel.plan(dense_bn(), 8, devices=devices)
+    assert plain.batch_norm == "global" and "statistics of the whole batch (8 rows" in str(plain)
+    per_slice = keras_parallel.plan(
+        dense_bn(), 8, devices=devices, micro_batch_size=2, batch_norm="per_slice"
+    )
+    assert per_slice.batch_norm == "per_slice"
+    assert "statistics of each micro step (2 rows" in str(per_slice)  # one device: no slices
+    keras.utils.set_random_seed(0)
+    no_bn = keras.Sequential([keras.Input((5,)), keras.layers.Dense(2)])
+    assert keras_parallel.plan(no_bn, 8, devices=devices).batch_norm is None
+    with pytest.raises(ValueError, match="argument `batch_norm`"):
+        keras_parallel.plan(dense_bn(), 8, devices=devices, batch_norm="Global")
+    if len(_cpus()) >= 2:
+        parallel = _parallel_per_slice(dense_bn(), [2, 1])
+        planned = keras_parallel.plan(parallel, 9)
+        assert "statistics of each device's slice (6, 3 rows)" in str(planned)
+        with pytest.raises(ValueError, match="brings its own batch_norm"):
+            keras_parallel.plan(parallel, 9, batch_norm="global")

@@ -198,6 +198,9 @@ class GradientAccumulation(keras.callbacks.Callback):
         self.micro_batch_size_ = None if self.micro_batch_size == _AUTO else self.micro_batch_size
         self._warned_batch_normalization = False
         self._has_batch_normalization = _has_batch_normalization(model)
+        self._batch_norm_per_slice = (
+            num_replicas(model) > 1 and replicas(model).batch_norm == "per_slice"
+        )
         self._installed = train_function
         # Until on_train_end, or, if this fit raises, until the next call of the
         # model's train function that no batch of this fit armed.
@@ -261,11 +264,15 @@ class GradientAccumulation(keras.callbacks.Callback):
             and micro < rows_per_device
         ):
             self._warned_batch_normalization = True
+            if self._batch_norm_per_slice:
+                seen = f"{micro} rows per device instead of batches of {rows_per_device}"
+            else:
+                seen = f"{micro * replicas_n} rows instead of batches of {rows}"
             warn(
                 "The model has BatchNormalization layers, and GradientAccumulation "
-                f"feeds them micro-batches of {micro} rows per device instead of "
-                f"batches of {rows_per_device}: their statistics are per micro-batch. "
-                "See docs/accumulation.md for remedies (e.g. GroupNormalization, or "
+                f"feeds them micro-batches of {seen}: their statistics are per "
+                "micro-batch. See the 'BatchNormalization' section of the gradient "
+                "accumulation docs for remedies (e.g. GroupNormalization, or "
                 "BatchNormalization(momentum=...) adjusted)."
             )
         return micro

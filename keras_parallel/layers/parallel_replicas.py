@@ -7,7 +7,7 @@ import types
 
 from keras_parallel import _batch_norm, _graph, _ops
 from keras_parallel._compat import backend_name, keras, register
-from keras_parallel._validation import validate_ratios
+from keras_parallel._validation import validate_batch_norm, validate_ratios
 from keras_parallel._warnings import warn
 from keras_parallel.devices import canonical_device_name, device_scope, remap_missing_devices
 from keras_parallel.layers.batch_slice import BatchSlice, slice_sizes
@@ -45,9 +45,6 @@ def _plain(value):
 
 def _dtype_name(dtype) -> str:
     return getattr(dtype, "name", None) or str(dtype)
-
-
-BATCH_NORM_MODES = ("global", "per_slice")
 
 
 def _batch_norm_reach(model):
@@ -166,12 +163,7 @@ class ParallelReplicas(keras.layers.Wrapper):
         **kwargs,
     ):
         super().__init__(layer, **kwargs)
-        if batch_norm not in BATCH_NORM_MODES:
-            raise ValueError(
-                "Invalid value for argument `batch_norm`. Expected 'global' or "
-                f"'per_slice'. Received: batch_norm={batch_norm!r}"
-            )
-        self.batch_norm = batch_norm
+        self.batch_norm = validate_batch_norm(batch_norm)
         if isinstance(devices, str) or not devices:
             raise ValueError(
                 "Invalid value for argument `devices`. Expected a non-empty list of device "
