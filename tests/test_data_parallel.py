@@ -212,14 +212,14 @@ def test_siamese_output_names_get_suffixes():
     parallel.fit(x, [np.zeros((5, 2)), np.ones((5, 2))], epochs=1, verbose=0)
 
 
-def test_batchnorm_uses_per_slice_statistics():
+def test_batch_norm_per_slice_uses_per_slice_statistics():
     template = mlp(batchnorm=True)
-    parallel = DataParallel(template, devices=CPU2, split=[2, 1])
+    parallel = DataParallel(template, devices=CPU2, split=[2, 1], batch_norm="per_slice")
     x, _ = data(9)
     sizes = keras_parallel.replicas(parallel).slice_sizes(9)
     assert sizes == [6, 3]
     got = np.asarray(parallel(x, training=True))
-    # Documented behaviour: each slice is normalised with its own batch statistics ...
+    # batch_norm="per_slice": each slice is normalised with its own batch statistics ...
     first = np.asarray(template(x[:6], training=True))
     second = np.asarray(template(x[6:], training=True))
     np.testing.assert_allclose(got, np.concatenate([first, second]), atol=1e-5)
@@ -227,11 +227,11 @@ def test_batchnorm_uses_per_slice_statistics():
     assert not np.allclose(got, np.asarray(template(x, training=True)), atol=1e-3)
 
 
-def test_batchnorm_moving_statistics_updated_slice_by_slice_in_order():
+def test_batch_norm_per_slice_moves_the_statistics_slice_by_slice_in_order():
     x, y = data(9)
     template = mlp(batchnorm=True)
     initial = template.get_weights()
-    parallel = DataParallel(template, devices=CPU2, split=[2, 1])
+    parallel = DataParallel(template, devices=CPU2, split=[2, 1], batch_norm="per_slice")
     parallel.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
     parallel.fit(x, y, batch_size=9, epochs=1, shuffle=False, verbose=0)
     bn = template.get_layer("bn")
