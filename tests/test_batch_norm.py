@@ -275,3 +275,47 @@ def test_plan_says_what_the_statistics_cover():
         assert "statistics of each device's slice (6, 3 rows)" in str(planned)
         with pytest.raises(ValueError, match="brings its own batch_norm"):
             keras_parallel.plan(parallel, 9, batch_norm="global")
+
+
+@pytest.mark.parametrize("count, split", [(1, None), (2, [2, 1])], ids=["one device", "2:1"])
+def test_accumulation_moves_the_statistics_once_with_the_whole_batch_moments(count, split):
+    from keras_parallel.callbacks import GradientAccumulation
+
+    template = dense_bn(momentum=0.7)
+    initial = template.get_weights()
+    x, y = data((5,), 12)
+    template.compile(keras.optimizers.SGD(0.0), "mse")  # no weight moves: only the statistics
+    template.fit(x, y, batch_size=12, epochs=1, shuffle=False, verbose=0)
+    expected = [_numpy(v) for v in template.get_layer("bn").non_trainable_weights]
+
+    template.set_weights(initial)
+    model = template if count == 1 else _parallel(template, count, split)
+    model.compile(keras.optimizers.SGD(0.0), "mse")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the micro-batch warning
+        model.fit(
+            x,
+            y,
+            batch_size=12,
+            epochs=1,
+            shuffle=False,
+            verbose=0,
+            callbacks=[GradientAccumulation(2)],  # micro steps of 2 rows per device
+        )
+    got = [_numpy(v) for v in template.get_layer("bn").non_trainable_weights]
+    for a, b in zip(got, expected, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_accumulation_with_per_slice_statistics_moves_them_per_slice():
+    from keras_parallel.callbacks import GradientAccumulation
+
+    template = dense_bn(momentum=0.7)
+    x, y = data((5,), 12)
+    parallel = _parallel_per_slice(template, [1, 1])
+    parallel.compile(keras.optimizers.SGD(0.0), "mse")
+    with pytest.warns(UserWarning, match="2 rows per device instead of batches of 6"):
+        parallel.fit(
+            x, y, batch_size=12, epochs=1, verbose=0, callbacks=[GradientAccumulation(2)]
+        )
+    assert all(np.isfinite(_numpy(v)).all() for v in template.non_trainable_weights)

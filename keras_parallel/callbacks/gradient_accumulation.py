@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 from keras_parallel import _backend, _validation
-from keras_parallel._compat import keras
+from keras_parallel._backend.common.accumulation import BatchNormPool
+from keras_parallel._batch_norm import is_batch_norm, unsupported_reason
+from keras_parallel._compat import IS_KERAS_3, keras
+from keras_parallel._graph import all_sublayers
 from keras_parallel._warnings import warn
 from keras_parallel.accumulation_plan import refine_micro_batch_size
 from keras_parallel.layers.batch_slice import slice_sizes
@@ -20,6 +24,50 @@ _AUTO = "auto"
 
 def _has_batch_normalization(model) -> bool:
     return any(isinstance(layer, keras.layers.BatchNormalization) for layer in walk_layers(model))
+
+
+def _batch_norm_pool(model) -> BatchNormPool:
+    """The BatchNormalization layers whose moving statistics move once per batch.
+
+    Those that move once per micro step: every trainable layer of a plain model
+    (not `renorm`), and of a DataParallel model the ones it gives whole-batch
+    statistics (`batch_norm="global"`). With `batch_norm="per_slice"` a layer
+    moves once per slice: none is pooled.
+    """
+    if num_replicas(model) > 1:
+        core = replicas(model)
+        found = core.global_batch_norms if core.batch_norm == "global" else []
+    else:
+        found = [
+            layer
+            for layer in all_sublayers(model)
+            if is_batch_norm(layer) and unsupported_reason(layer) is None
+        ]
+    layers, unbiased = [], []
+    for layer in found:
+        if not layer.trainable:
+            continue
+        rows = None
+        if not IS_KERAS_3 and getattr(layer, "fused", False):
+            rows = _values_per_row(layer)
+            if rows is None:  # its input's shape is unknown: left to move per micro step
+                continue
+        layers.append(layer)
+        unbiased.append(rows)
+    return BatchNormPool(layers, unbiased)
+
+
+def _values_per_row(layer) -> int | None:
+    """A tf-keras fused layer's values per row and channel (its input's static shape)."""
+    try:
+        shape = list(layer.input.shape)[1:]
+    except (AttributeError, ValueError, RuntimeError):
+        return None
+    axes = layer.axis if isinstance(layer.axis, list | tuple) else [layer.axis]
+    if any(d is None for d in shape):
+        return None
+    channels = math.prod(shape[a - 1] if a > 0 else shape[a] for a in axes)
+    return math.prod(shape) // channels
 
 
 def _steps_per_execution(model):
@@ -184,15 +232,16 @@ class GradientAccumulation(keras.callbacks.Callback):
         # Reuse the train function (and its traced tf.function) of this instance's
         # last fit while the model and its compiled train function are the same.
         replicas_n = num_replicas(model)
-        key = (model, original, replicas_n)
-        cached_key, train_function = self._cache or ((None, None, None), None)
+        pool = _batch_norm_pool(model)
+        key = (model, original, replicas_n, tuple(id(layer) for layer in pool.layers))
+        cached_key, train_function = self._cache or ((None, None, None, None), None)
         if (
             cached_key[0] is not model
             or cached_key[1] is not original
-            or cached_key[2] != replicas_n
+            or cached_key[2:] != key[2:]
         ):
             train_function = accumulation.AccumulatingTrainFunction(
-                model, self._run_batch, replicas_n
+                model, self._run_batch, replicas_n, pool
             )
         self._cache = (key, train_function)
         self.micro_batch_size_ = None if self.micro_batch_size == _AUTO else self.micro_batch_size

@@ -267,6 +267,11 @@ class ParallelReplicas(keras.layers.Wrapper):
         return found
 
     @property
+    def global_batch_norms(self) -> list:
+        """The template's BatchNormalization layers that `"global"` gives whole-batch moments."""
+        return list(self._global_batch_norms)
+
+    @property
     def num_replicas(self) -> int:
         """The number of slices (devices)."""
         return len(self.ratios)

@@ -20,6 +20,7 @@ from keras_parallel._compat import backend_name
 
 __all__ = [
     "AccumulatingTrainFunction",
+    "BatchNormPool",
     "OUT_OF_MEMORY_ERRORS",
     "TrainFunctionSwitch",
     "check_supported",
@@ -81,6 +82,99 @@ def loss_tracker(model):
     return None
 
 
+class BatchNormPool:
+    """Moves BatchNormalization moving statistics once per accumulated batch.
+
+    Under accumulation each micro step's BatchNormalization layers normalise
+    with the micro-batch's moments and would move their moving statistics once
+    per micro step. With this pool they move once per batch, with the pooled
+    moments of all its micro-batches (the mean and biased variance of the whole
+    batch's inputs to the layer), as one step on the whole batch would.
+
+    How it reads a micro-batch's moments from the layer's own update: before
+    each micro step the moving statistics are set to 0, so the step leaves
+    ``(1 - momentum) * moment`` in them (one rounding, no subtraction). Each
+    micro step's (rows, mean, variance) is merged into the running pool by
+    Chan's pairwise rule (exact, also when |mean| >> std). After the last micro
+    step the moving statistics are set from the values saved at the start:
+    ``moving * momentum + pooled * (1 - momentum)``. tf-keras's fused layers
+    keep the unbiased variance: it is unbiased per micro-batch on the way in,
+    and for the whole batch on the way out, as TensorFlow's kernel does.
+
+    Backend-neutral: it works on the values (tensors of any backend, through
+    their arithmetic operators); each backend's accumulating step calls
+    `zeros`, `merge` and `finish` around its micro steps.
+
+    Args:
+        layers: the BatchNormalization layers to pool: ones whose statistics
+            move exactly once per micro step (a trainable layer, not `renorm`).
+        unbiased_rows: per layer, None, or for a layer that keeps the unbiased
+            variance (tf-keras fused), the values per row and channel
+            (``N = rows * unbiased_rows``).
+    """
+
+    def __init__(self, layers, unbiased_rows=None):
+        self.layers = list(layers)
+        self.unbiased_rows = list(unbiased_rows or [None] * len(self.layers))
+        self.variables = [
+            v for layer in self.layers for v in (layer.moving_mean, layer.moving_variance)
+        ]
+
+    def __bool__(self) -> bool:
+        return bool(self.layers)
+
+    @staticmethod
+    def zeros(values):
+        """The moving statistics' values to set before a micro step."""
+        return [value * 0 for value in values]
+
+    def start(self, values, zero=0.0):
+        """The pool at the start of a batch: (the saved values, no rows yet).
+
+        `zero` is the count's 0 in the backend's type (a scalar tensor where the
+        pool is carried through a compiled loop).
+        """
+        values = list(values)
+        return (values, [(zero, m * 0, m * 0) for m in values[::2]])
+
+    def merge(self, pool, values, rows):
+        """The pool with one micro step merged: `values` read after it, `rows` its rows."""
+        saved, moments = pool
+        merged = []
+        for i, layer in enumerate(self.layers):
+            keep = 1.0 - float(layer.momentum)
+            mean, variance = values[2 * i] / keep, values[2 * i + 1] / keep
+            if self.unbiased_rows[i] is not None:
+                n = rows * self.unbiased_rows[i]
+                variance = variance * ((n - 1) / n)
+            count, old_mean, m2 = moments[i]
+            total = count + rows
+            delta = mean - old_mean
+            merged.append(
+                (
+                    total,
+                    old_mean + delta * (rows / total),
+                    m2 + variance * rows + delta * delta * (count * rows / total),
+                )
+            )
+        return (saved, merged)
+
+    def finish(self, pool):
+        """The moving statistics' values after the batch (at least one micro step with rows)."""
+        saved, moments = pool
+        values = []
+        for i, layer in enumerate(self.layers):
+            momentum = float(layer.momentum)
+            count, mean, m2 = moments[i]
+            variance = m2 / count
+            if self.unbiased_rows[i] is not None:
+                n = count * self.unbiased_rows[i]
+                variance = variance * (n / (n - 1))  # n >= 2 but for 1 row of 1 value
+            for old, value in ((saved[2 * i], mean), (saved[2 * i + 1], variance)):
+                values.append(old * momentum + value * (1.0 - momentum))
+        return values
+
+
 class TrainFunctionSwitch:
     """Installs itself as `model.train_function` for one `fit`, and steps aside outside it.
 
@@ -99,12 +193,16 @@ class TrainFunctionSwitch:
         num_replicas: int. Devices the model itself splits each micro-batch over
             (a keras_parallel DataParallel model): rows per micro step are
             ``num_replicas * micro_batch_size``.
+        batch_norm_pool: `BatchNormPool` or None. The BatchNormalization layers
+            whose moving statistics move once per batch, with pooled moments.
     """
 
-    def __init__(self, model, run_batch=None, num_replicas=1):
+    def __init__(self, model, run_batch=None, num_replicas=1, batch_norm_pool=None):
         self.model = model
         self._run_batch = run_batch
         self.num_replicas = num_replicas
+        #: `BatchNormPool` of the layers whose statistics move once per batch (or None).
+        self.batch_norm_pool = batch_norm_pool or None
         self.original = None  # the model's own train function, while installed
         self._history = None  # model.history of the fit that installed this function
         self._armed = False

@@ -105,6 +105,10 @@ def _python_scan(body, carry, xs):
     return carry, jax.tree_util.tree_map(lambda *ys: jnp.stack(ys), *outputs)
 
 
+class _NoPool:
+    variables = ()
+
+
 def _like(new, old):
     """`new` in `old`'s dtypes: a loop's carry keeps its types from one micro-batch to the next."""
     return jax.tree_util.tree_map(lambda n, o: jnp.asarray(n, o.dtype), new, old)
@@ -124,9 +128,12 @@ class AccumulatingTrainFunction(TrainFunctionSwitch):
     Arguments as `TrainFunctionSwitch`'s.
     """
 
-    def __init__(self, model, run_batch, num_replicas=1):
+    def __init__(self, model, run_batch, num_replicas=1, batch_norm_pool=None):
         check_supported()
-        super().__init__(model, run_batch, num_replicas)
+        super().__init__(model, run_batch, num_replicas, batch_norm_pool)
+        # Where the pool's variables sit in the model's non-trainable state.
+        places = {id(v): i for i, v in enumerate(model.non_trainable_variables)}
+        self._pooled = [places[id(v)] for v in (self.batch_norm_pool or _NoPool).variables]
         self._tracker = loss_tracker(model)
         self._state = None
         self._jit = not model.run_eagerly and model.jit_compile
@@ -206,8 +213,15 @@ class AccumulatingTrainFunction(TrainFunctionSwitch):
                 view,
             )
 
+        pool, pooled = (self.batch_norm_pool, self._pooled) if rows else (None, [])
+
         def micro(carry, start, size, share):
-            grads, non_trainable, metrics = carry
+            grads, non_trainable, metrics, statistics = carry
+            if pool:  # the pooled statistics start the micro step at 0
+                non_trainable = list(non_trainable)
+                zeros = pool.zeros([non_trainable[i] for i in pooled])
+                for i, zero in zip(pooled, zeros, strict=True):
+                    non_trainable[i] = zero
             (new_grads, loss), y_pred, new_non_trainable, new_metrics = self._micro_step(
                 trainable,
                 non_trainable,
@@ -217,14 +231,22 @@ class AccumulatingTrainFunction(TrainFunctionSwitch):
                 np.float32(share),
             )
             grads = [a + g for a, g in zip(grads, new_grads, strict=True)]
-            carry = (grads, _like(new_non_trainable, non_trainable), _like(new_metrics, metrics))
+            new_non_trainable = _like(new_non_trainable, non_trainable)
+            if pool:
+                values = [new_non_trainable[i] for i in pooled]
+                statistics = pool.merge(statistics, values, np.float32(size * shards))
+            carry = (grads, new_non_trainable, _like(new_metrics, metrics), statistics)
             return carry, (loss, y_pred)
 
         def body(carry, index):
             start = index * rows_per_step
             return micro(carry, start, rows_per_step, rows_per_step / shard_rows)
 
-        carry = ([jnp.zeros_like(v) for v in trainable], non_trainable, metrics)
+        statistics = ()
+        if pool:
+            # The first merge gives the pool its structure, fixed through the loop.
+            statistics = pool.start([non_trainable[i] for i in pooled], jnp.float32(0.0))
+        carry = ([jnp.zeros_like(v) for v in trainable], non_trainable, metrics, statistics)
         losses, predictions = [], []
         if loops:
             scan = jax.lax.scan if self._jit else _python_scan
@@ -247,7 +269,11 @@ class AccumulatingTrainFunction(TrainFunctionSwitch):
             predictions.append(
                 jax.tree_util.tree_map(lambda p: p.reshape((shards, rest, *p.shape[1:])), y_pred)
             )
-        grads, non_trainable, metrics = carry
+        grads, non_trainable, metrics, statistics = carry
+        if pool:
+            non_trainable = list(non_trainable)
+            for i, value in zip(pooled, pool.finish(statistics), strict=True):
+                non_trainable[i] = value
         loss = losses[0] if len(losses) == 1 else losses[0] + losses[1]
         if len(predictions) == 1:
             y_pred = predictions[0]

@@ -129,6 +129,11 @@ def _skip_aggregation_kwargs(optimizer):
     return None
 
 
+def _read(variable):
+    """A variable's value now (ordered after the writes before it), on either flavour."""
+    return tf.identity(variable.value if IS_KERAS_3 else variable)
+
+
 def _loss_scaling(optimizer):
     """(scale_loss, unscale_gradients) for the optimizer's loss scaling, if any."""
     if IS_KERAS_3:
@@ -145,8 +150,8 @@ class AccumulatingTrainFunction(TrainFunctionSwitch):
     Arguments as `TrainFunctionSwitch`'s (`_backend/common/accumulation.py`).
     """
 
-    def __init__(self, model, run_batch, num_replicas=1):
-        super().__init__(model, run_batch, num_replicas)
+    def __init__(self, model, run_batch, num_replicas=1, batch_norm_pool=None):
+        super().__init__(model, run_batch, num_replicas, batch_norm_pool)
         self.strategy = model.distribute_strategy
         self._scale_loss, self._unscale_gradients = _loss_scaling(model.optimizer)
         self._tracker = loss_tracker(model) if IS_KERAS_3 else None
@@ -191,11 +196,20 @@ class AccumulatingTrainFunction(TrainFunctionSwitch):
             return self.model.compute_loss(x, y, y_pred, sample_weight, training=True)
         return self.model.compute_loss(x, y, y_pred, sample_weight)
 
-    def _micro_step(self, x, y, sample_weight, start, rows_per_step, batch):
-        """Forward and backward on rows [start, start + rows): (grads, weighted loss, y_pred)."""
+    def _micro_step(self, x, y, sample_weight, start, rows_per_step, batch, pool=None):
+        """Forward and backward on rows [start, start + rows): (grads, weighted loss, y_pred).
+
+        With a `BatchNormPool`, its moving statistics are set to 0 first, and the
+        values the micro step leaves in them come last: (..., values, rows).
+        """
         stop = tf.minimum(start + rows_per_step, batch)
         x_k, y_k, sw_k = (_slice_rows(t, start, stop) for t in (x, y, sample_weight))
         variables = self.model.trainable_variables
+        if pool:
+            for variable, zero in zip(
+                pool.variables, pool.zeros([_read(v) for v in pool.variables]), strict=True
+            ):
+                variable.assign(zero)
         with tf.GradientTape() as tape:
             y_pred = self.model(x_k, training=True)
             loss = self._compute_loss(x_k, y_k, y_pred, sw_k)
@@ -209,6 +223,9 @@ class AccumulatingTrainFunction(TrainFunctionSwitch):
             tf.zeros_like(v) if g is None else tf.convert_to_tensor(g)
             for g, v in zip(grads, variables, strict=True)
         ]
+        if pool:
+            values = [_read(v) for v in pool.variables]
+            return grads, loss, y_pred, values, tf.cast(stop - start, values[0].dtype)
         return grads, loss, y_pred
 
     def _replica_gradients(self, data, rows_per_step):
@@ -219,7 +236,16 @@ class AccumulatingTrainFunction(TrainFunctionSwitch):
 
         # The first micro-batch runs outside the loop: it gives the accumulators'
         # and the predictions' structure and dtypes.
-        grads, loss, y_pred = self._micro_step(x, y, sample_weight, 0, rows_per_step, batch)
+        pool = self.batch_norm_pool
+        if pool:
+            statistics = pool.start([_read(v) for v in pool.variables], tf.constant(0.0))
+            grads, loss, y_pred, values, rows = self._micro_step(
+                x, y, sample_weight, 0, rows_per_step, batch, pool
+            )
+            statistics = pool.merge(statistics, values, rows)
+        else:
+            statistics = ()
+            grads, loss, y_pred = self._micro_step(x, y, sample_weight, 0, rows_per_step, batch)
         pred_leaves = tf.nest.flatten(y_pred)
         arrays = [
             tf.TensorArray(
@@ -231,20 +257,26 @@ class AccumulatingTrainFunction(TrainFunctionSwitch):
             for p in pred_leaves
         ]
 
-        def body(k, grads, loss, arrays):
-            g_k, loss_k, pred_k = self._micro_step(
-                x, y, sample_weight, k * rows_per_step, rows_per_step, batch
+        def body(k, grads, loss, arrays, statistics):
+            found = self._micro_step(
+                x, y, sample_weight, k * rows_per_step, rows_per_step, batch, pool
             )
+            g_k, loss_k, pred_k = found[:3]
+            if pool:
+                statistics = pool.merge(statistics, *found[3:])
             grads = [a + b for a, b in zip(grads, g_k, strict=True)]
             arrays = [a.write(k, p) for a, p in zip(arrays, tf.nest.flatten(pred_k), strict=True)]
-            return k + 1, grads, loss + loss_k, arrays
+            return k + 1, grads, loss + loss_k, arrays, statistics
 
-        _, grads, loss, arrays = tf.while_loop(
+        _, grads, loss, arrays, statistics = tf.while_loop(
             lambda k, *_: k < steps,
             body,
-            (tf.constant(1), grads, loss, arrays),
+            (tf.constant(1), grads, loss, arrays, statistics),
             parallel_iterations=1,  # one micro-batch alive at a time
         )
+        if pool:
+            for variable, value in zip(pool.variables, pool.finish(statistics), strict=True):
+                variable.assign(value)
         if self._unscale_gradients is not None:
             grads = self._unscale_gradients(grads)
         y_pred = tf.nest.pack_sequence_as(y_pred, [a.concat() for a in arrays])

@@ -68,6 +68,12 @@ def _detached(structure):
     return keras.tree.map_structure(lambda t: t.detach(), structure)
 
 
+def _assign(variables, values) -> None:
+    with torch.no_grad():
+        for variable, value in zip(variables, values, strict=True):
+            variable.assign(value)
+
+
 def _cuda_index(device: str) -> int | None:
     return int(device.rsplit(":", 1)[1]) if ":GPU:" in device else None
 
@@ -78,8 +84,8 @@ class AccumulatingTrainFunction(TrainFunctionSwitch):
     Arguments as `TrainFunctionSwitch`'s.
     """
 
-    def __init__(self, model, run_batch, num_replicas=1):
-        super().__init__(model, run_batch, num_replicas)
+    def __init__(self, model, run_batch, num_replicas=1, batch_norm_pool=None):
+        super().__init__(model, run_batch, num_replicas, batch_norm_pool)
         self._tracker = loss_tracker(model)
         self._updating = False
         self.build_optimizer()
@@ -123,14 +129,24 @@ class AccumulatingTrainFunction(TrainFunctionSwitch):
         per_step = max(1, self.num_replicas * micro_batch_size)
         model.zero_grad(set_to_none=True)
         loss, predictions = None, []
+        pool = self.batch_norm_pool
+        if pool:
+            statistics = pool.start([torch.clone(v.value.detach()) for v in pool.variables])
         for start in range(0, max(rows, 1), per_step):
             stop = min(start + per_step, rows)
             share = (stop - start) / rows if rows else 1.0
+            if pool:
+                _assign(pool.variables, pool.zeros([v.value for v in pool.variables]))
             loss_k, y_pred = self._forward_backward(
                 *(_slice_rows(t, start, stop) for t in (x, y, sample_weight)), share
             )
+            if pool:
+                values = [v.value.detach() for v in pool.variables]
+                statistics = pool.merge(statistics, values, float(stop - start))
             loss = loss_k if loss is None else loss + loss_k
             predictions.append(y_pred)
+        if pool:
+            _assign(pool.variables, pool.finish(statistics))
         trainable = model.trainable_weights[:]
         if trainable:
             grads = [v.value.grad for v in trainable]
