@@ -16,6 +16,9 @@ statistics move once, by the rule of the Keras flavour in use:
   inputs), as TensorFlow's fused kernel does.
 
 Gradients flow through the sums, so they are the single-device gradients.
+Under a `tf.distribute` strategy of several replicas (one per worker), the
+sums are all-reduced over the replicas as well: the moments are the global
+batch's.
 Padding rows (JAX) and masked positions get weight 0: they are never counted.
 """
 
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 
-from keras_parallel import _ops
+from keras_parallel import _backend, _ops
 from keras_parallel._compat import IS_KERAS_3, keras
 from keras_parallel.devices import device_scope as _device_scope
 
@@ -116,9 +119,10 @@ def normalize_parts(layer, parts, devices, weights=None, stats_device=None, grou
                     sums.append(_ops.sum_over(x * w, reduce))
                     counts.append(_ops.sum_over(_ops.broadcast_like(w, x), reduce))
         with device_scope(stats_device):
-            total = _ops.add_n(counts)
+            # Over the replicas of a tf.distribute strategy too (one per worker).
+            total, summed = _backend.cross_replica_sum([_ops.add_n(counts), _ops.add_n(sums)])
             divisor = _divisor(total, masked)
-            mean = _ops.add_n(sums) / divisor
+            mean = summed / divisor
         squares = []
         for k in group:
             with device_scope(devices[k]):
@@ -127,7 +131,8 @@ def normalize_parts(layer, parts, devices, weights=None, stats_device=None, grou
                     centred = centred * _ops.cast(weights[k], dtype)
                 squares.append(_ops.sum_over(centred * centred, reduce))
         with device_scope(stats_device):
-            variance = _ops.add_n(squares) / divisor
+            (squared,) = _backend.cross_replica_sum([_ops.add_n(squares)])
+            variance = squared / divisor
             _move(layer, mean, variance, total)
         for k in group:
             with device_scope(devices[k]):

@@ -64,12 +64,15 @@ def _recorder_class(keras, tf):
     return RowRecorder
 
 
-def _model(keras, recorder=None):
+def _model(keras, recorder=None, batch_norm=False):
     keras.utils.set_random_seed(0)
     layers = [keras.Input((5,))]
     if recorder is not None:
         layers.append(recorder)
-    layers += [keras.layers.Dense(8, activation="tanh"), keras.layers.Dense(3)]
+    layers.append(keras.layers.Dense(8, activation="tanh"))
+    if batch_norm:
+        layers.append(keras.layers.BatchNormalization(momentum=0.5))
+    layers.append(keras.layers.Dense(3))
     return keras.Sequential(layers)
 
 
@@ -104,8 +107,10 @@ def run_case(case, task_index, devices):
             if case == "oom"
             else keras_parallel.callbacks.GradientAccumulation(8)
         )
-    template = _model(keras, recorder)
+    template = _model(keras, recorder, batch_norm=case.endswith("_bn"))
     model = template
+    if case == "dp_bn":  # whole-batch statistics over both workers' slices
+        parallel = keras_parallel.DataParallel(template, devices=devices, split=[2, 1])
     if case == "dp_equal":
         parallel = keras_parallel.DataParallel(template, devices=devices)
     elif case in ("dp_21", "dp_ga"):
@@ -126,6 +131,7 @@ def run_case(case, task_index, devices):
     )
     result = {
         "weights": [w.numpy().tolist() for w in template.trainable_weights],
+        "statistics": [np.asarray(w).tolist() for w in template.non_trainable_weights],
         "history": {k: [float(v) for v in vs] for k, vs in history.history.items()},
         "iterations": int(model.optimizer.iterations.numpy()),
     }
@@ -141,7 +147,7 @@ def main(out, cases):
     devices = keras_parallel.split_cpu(2)  # before TensorFlow starts its devices
     reference = cases == ["reference"]
     if reference:
-        cases, strategy, task_index = ["plain"], None, 0
+        cases, strategy, task_index = ["plain", "plain_bn"], None, 0
     else:
         strategy = keras_parallel.multi_worker.strategy(timeout=float(os.environ["MW_TIMEOUT"]))
         task_index = strategy.cluster_resolver.task_id or 0

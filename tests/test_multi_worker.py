@@ -108,7 +108,9 @@ def tf_keras_runs(tmp_path_factory):
     if IS_KERAS_3:
         pytest.skip("Keras 3 refuses fit on several workers (see the Keras 3 tests)")
     # "oom_fixed" fails on every worker: it comes last (a failed case ends the run).
-    return run_workers([*TRAINING_CASES, "oom_fixed"], tmp_path_factory.mktemp("workers"))
+    return run_workers(
+        [*TRAINING_CASES, "dp_bn", "oom_fixed"], tmp_path_factory.mktemp("workers")
+    )
 
 
 @pytest.mark.parametrize("case", TRAINING_CASES)
@@ -125,6 +127,23 @@ def test_two_workers_train_as_one_process_on_the_global_batch(case, tf_keras_run
             result["history"]["loss"], reference["history"]["loss"], rtol=1e-5
         )
         assert result["iterations"] == reference["iterations"]  # one update per global batch
+
+
+def test_batch_normalization_statistics_are_the_global_batch_s(tf_keras_runs):
+    """DataParallel(batch_norm="global") in each worker: the moments of all 16 rows, over
+    both workers' devices (the strategy's cross-replica sums), as one process on the batch."""
+    from multi_worker_worker import run_case
+
+    expected = run_case("plain_bn", 0, None)
+    for worker in tf_keras_runs:
+        result = worker["cases"]["dp_bn"]
+        assert "error" not in result, result.get("traceback")
+        for key in ("weights", "statistics"):
+            assert_weights_close(
+                [np.asarray(w) for w in result[key]],
+                [np.asarray(w) for w in expected[key]],
+                rtol=1e-5,
+            )
 
 
 def test_workers_agree_on_the_smallest_auto_micro_batch(tf_keras_runs):

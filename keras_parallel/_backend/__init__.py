@@ -29,6 +29,7 @@ from keras_parallel._compat import backend_name
 __all__ = [
     "BACKEND",
     "accumulation",
+    "cross_replica_sum",
     "devices",
     "inside_xla_compilation",
     "memory",
@@ -41,6 +42,7 @@ BACKEND = backend_name()
 
 if BACKEND == "tensorflow":
     from keras_parallel._backend.tensorflow import accumulation, devices, memory, probes
+    from keras_parallel._backend.tensorflow.ops import cross_replica_sum
     from keras_parallel._backend.tensorflow.xla import inside_xla_compilation
 else:
     if BACKEND == "jax":
@@ -53,3 +55,8 @@ else:
     def inside_xla_compilation() -> bool:
         """True while TensorFlow traces a function for XLA: never on this backend."""
         return False
+
+    def cross_replica_sum(values: list) -> list:
+        """`values` summed over a `tf.distribute` strategy's replicas: none on this backend
+        (JAX's `keras.distribution` arrays are global already)."""
+        return list(values)

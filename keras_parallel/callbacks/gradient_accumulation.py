@@ -100,8 +100,9 @@ class GradientAccumulation(keras.callbacks.Callback):
     logged loss and metrics are those of the whole batch. Peak activation memory is
     that of one micro-batch.
 
-    BatchNormalization layers see micro-batches, not the batch: the callback warns
-    once when that happens (see docs/accumulation.md for remedies).
+    BatchNormalization layers normalise with micro-batches, not the batch: the
+    callback warns once when that happens. Their moving statistics move once per
+    batch, with the pooled moments of all its micro-batches.
 
     With `micro_batch_size="auto"`, the size is planned at the first batch, before any
     update: the peak memory of a forward and backward pass is measured at a few small
@@ -320,9 +321,10 @@ class GradientAccumulation(keras.callbacks.Callback):
             warn(
                 "The model has BatchNormalization layers, and GradientAccumulation "
                 f"feeds them micro-batches of {seen}: their statistics are per "
-                "micro-batch. See the 'BatchNormalization' section of the gradient "
-                "accumulation docs for remedies (e.g. GroupNormalization, or "
-                "BatchNormalization(momentum=...) adjusted)."
+                "micro-batch (their moving statistics still move once per batch, with "
+                "the whole batch's moments). See the 'BatchNormalization' section of "
+                "the gradient accumulation docs for remedies (e.g. GroupNormalization, "
+                "or larger micro-batches)."
             )
         return micro
 

@@ -111,3 +111,15 @@ def batch_normalization(x, mean, variance, keep_shape, channels, layer):
         layer.epsilon,
     )
     return tf.cast(outputs, layer.compute_dtype)
+
+
+def cross_replica_sum(values: list) -> list:
+    """`values` summed over the replicas of a `tf.distribute` strategy (as they are outside one).
+
+    Inside a replica context of several replicas (MultiWorkerMirroredStrategy,
+    MirroredStrategy), an all-reduce; else `values` unchanged.
+    """
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync <= 1:
+        return list(values)
+    return list(context.all_reduce(tf.distribute.ReduceOp.SUM, list(values)))
