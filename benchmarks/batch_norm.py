@@ -207,6 +207,14 @@ def effect(seeds: int, epochs: int, train_n: int = 512, test_n: int = 512) -> di
         accuracy = statistics.median(r["val_accuracy"][-1] for r in runs)
         loss = statistics.median(r["val_loss"][-1] for r in runs)
         print(f"{name:32s}{accuracy:>20.3f}{loss:>16.3f}")
+    names = list(curves)
+    for key, title in (("val_accuracy", "held-out accuracy"), ("val_loss", "held-out loss")):
+        print(f"\nper epoch, {title}, median over the seeds (Markdown):")
+        print("| epoch | " + " | ".join(names) + " |")
+        print("|---" * (len(names) + 1) + "|")
+        for epoch in range(epochs):
+            cells = [statistics.median(r[key][epoch] for r in curves[n]) for n in names]
+            print(f"| {epoch + 1} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
     return curves
 
 

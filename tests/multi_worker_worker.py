@@ -131,7 +131,7 @@ def run_case(case, task_index, devices):
     )
     result = {
         "weights": [w.numpy().tolist() for w in template.trainable_weights],
-        "statistics": [np.asarray(w).tolist() for w in template.non_trainable_weights],
+        "statistics": [np.asarray(w.numpy()).tolist() for w in template.non_trainable_weights],
         "history": {k: [float(v) for v in vs] for k, vs in history.history.items()},
         "iterations": int(model.optimizer.iterations.numpy()),
     }

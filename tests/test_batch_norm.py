@@ -33,7 +33,8 @@ def video_cnn(seed=0):
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((3, 4, 4, 2))
     x = keras.layers.Conv3D(3, 2, padding="same")(inputs)
-    x = keras.layers.BatchNormalization()(x)
+    # synchronized=True (TensorFlow only) is the same as False on one device.
+    x = keras.layers.BatchNormalization(synchronized=backend_name() == "tensorflow")(x)
     x = keras.layers.Activation("relu")(x)
     x = keras.layers.Conv3D(4, 2, padding="same")(x)
     x = keras.layers.BatchNormalization(momentum=0.9, center=False)(x)
@@ -319,3 +320,19 @@ def test_accumulation_with_per_slice_statistics_moves_them_per_slice():
             x, y, batch_size=12, epochs=1, verbose=0, callbacks=[GradientAccumulation(2)]
         )
     assert all(np.isfinite(_numpy(v)).all() for v in template.non_trainable_weights)
+
+
+def test_mixed_precision_keeps_the_statistics_in_float32():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        template = dense_bn()
+        parallel = _parallel(template, 2, [2, 1])
+        x, _ = data((5,), 7)
+        got, expected = parallel(x, training=True), template(x, training=True)
+        assert "float16" in str(got.dtype)
+        # float16 outputs: half precision's own rounding (2**-11 relative).
+        np.testing.assert_allclose(
+            _numpy(got).astype("float32"), _numpy(expected).astype("float32"), rtol=2e-3, atol=2e-3
+        )
+    finally:
+        keras.mixed_precision.set_global_policy("float32")

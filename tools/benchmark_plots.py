@@ -91,7 +91,16 @@ def figures(text: str) -> dict:
     xla = [(row[0], number(row[1])) for row in rows]
     header, rows = table_with(text, "backend", "bare model samples/s", "DataParallel over one GPU")
     gpu = [(row[0], number(row[1]), number(row[2])) for row in rows]
+    header, rows = table_with(
+        text, "epoch", "one device, batch 16", "DataParallel per_slice + GA 2"
+    )
+    batch_norm = {
+        "configs": header[1:],
+        "epochs": [int(number(row[0])) for row in rows],
+        "accuracy": [[number(cell) for cell in row[1:]] for row in rows],
+    }
     return {
+        "batch_norm": batch_norm,
         "data_parallel": data_parallel,
         "accumulation_memory": memory,
         "accumulation_speed": speed,
@@ -202,6 +211,24 @@ def plot_gpu(rows, path):
     figure.savefig(path)
 
 
+def plot_batch_norm(curves, path):
+    """Held-out accuracy per epoch (median over the seeds), one line per configuration."""
+    figure, axes = _figure(7, 3.6)
+    styles = ["-", "--", "-", ":"]
+    colors = ["#7f7f7f", "#3f51b5", "#2e7d32", "#e07b39"]
+    for k, config in enumerate(curves["configs"]):
+        values = [row[k] for row in curves["accuracy"]]
+        axes.plot(
+            curves["epochs"], values, styles[k % 4], color=colors[k % 4], label=config, marker="."
+        )
+    axes.set_xlabel("epoch")
+    axes.set_ylabel("held-out accuracy (median of the seeds)")
+    axes.set_title("BatchNormalization, 2 clips per device: whole-batch vs per-slice", fontsize=10)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path)
+
+
 def _wrap(label: str, width: int = 45) -> str:
     label = label.replace("`", "")
     words, lines, line = label.split(), [], ""
@@ -230,7 +257,8 @@ def main() -> int:
         highlight=lambda label: label.startswith("DataParallel"),
     )
     plot_gpu(data["gpu_one_device"], IMG / "bench_gpu_one_device.png")
-    for name in ("data_parallel", "accumulation", "xla", "gpu_one_device"):
+    plot_batch_norm(data["batch_norm"], IMG / "bench_batch_norm.png")
+    for name in ("data_parallel", "accumulation", "xla", "gpu_one_device", "batch_norm"):
         print(IMG / f"bench_{name}.png")
     return 0
 

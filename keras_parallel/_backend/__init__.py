@@ -30,6 +30,7 @@ __all__ = [
     "BACKEND",
     "accumulation",
     "cross_replica_sum",
+    "in_replicas_that_sync",
     "devices",
     "inside_xla_compilation",
     "memory",
@@ -42,7 +43,7 @@ BACKEND = backend_name()
 
 if BACKEND == "tensorflow":
     from keras_parallel._backend.tensorflow import accumulation, devices, memory, probes
-    from keras_parallel._backend.tensorflow.ops import cross_replica_sum
+    from keras_parallel._backend.tensorflow.ops import cross_replica_sum, in_replicas_that_sync
     from keras_parallel._backend.tensorflow.xla import inside_xla_compilation
 else:
     if BACKEND == "jax":
@@ -54,6 +55,10 @@ else:
 
     def inside_xla_compilation() -> bool:
         """True while TensorFlow traces a function for XLA: never on this backend."""
+        return False
+
+    def in_replicas_that_sync() -> bool:
+        """Inside a `tf.distribute` strategy's replicas: never on this backend."""
         return False
 
     def cross_replica_sum(values: list) -> list:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import types
 
-from keras_parallel import _batch_norm, _graph, _ops
+from keras_parallel import _backend, _batch_norm, _graph, _ops
 from keras_parallel._compat import backend_name, keras, register
 from keras_parallel._validation import validate_batch_norm, validate_ratios
 from keras_parallel._warnings import warn
@@ -428,7 +428,9 @@ class ParallelReplicas(keras.layers.Wrapper):
         Empty slices are left out of the walk. Where the rows are only known at
         run time (a traced TensorFlow step), a batch that leaves a slice empty is
         a batch of fewer rows than devices (or than the smallest share needs):
-        it runs unsliced on the first device, which gives the same moments.
+        it runs unsliced on the first device, which gives the same moments
+        (under a tf.distribute strategy of several replicas, whose moments are
+        all-reduced, every slice runs, an empty one included).
         """
         self._refuse_xla()
         batch = _ops.batch_size(_ops.flatten(inputs)[0])
@@ -452,6 +454,11 @@ class ParallelReplicas(keras.layers.Wrapper):
         def walked():
             return self._merge(self._walk(pieces, self.placement, training, batch))
 
+        if _backend.in_replicas_that_sync():
+            # Several replicas of a tf.distribute strategy all-reduce the moments; a
+            # collective cannot sit in a branch (every replica must reach it): the
+            # layers run on every slice, an empty one included.
+            return walked()
         every = _ops.greater(_ops.min_of(rows), 0)
         if self._collects_losses:
             return _ops.cond(every, walked, whole)

@@ -113,13 +113,19 @@ def batch_normalization(x, mean, variance, keep_shape, channels, layer):
     return tf.cast(outputs, layer.compute_dtype)
 
 
+def in_replicas_that_sync() -> bool:
+    """True inside a replica context of a `tf.distribute` strategy with several replicas."""
+    context = tf.distribute.get_replica_context()
+    return context is not None and context.num_replicas_in_sync > 1
+
+
 def cross_replica_sum(values: list) -> list:
     """`values` summed over the replicas of a `tf.distribute` strategy (as they are outside one).
 
     Inside a replica context of several replicas (MultiWorkerMirroredStrategy,
     MirroredStrategy), an all-reduce; else `values` unchanged.
     """
-    context = tf.distribute.get_replica_context()
-    if context is None or context.num_replicas_in_sync <= 1:
+    if not in_replicas_that_sync():
         return list(values)
+    context = tf.distribute.get_replica_context()
     return list(context.all_reduce(tf.distribute.ReduceOp.SUM, list(values)))
