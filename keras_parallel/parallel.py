@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from keras_parallel import _ops
+from keras_parallel import _graph, _ops
 from keras_parallel._backend.common.models import input_structure
 from keras_parallel._compat import IS_KERAS_3, keras
 from keras_parallel._validation import validate_batch_norm, validate_ratios
@@ -21,29 +21,6 @@ __all__ = ["DataParallel", "unwrap", "replicas", "custom_objects"]
 logger = logging.getLogger("keras_parallel")
 
 _warned_single_device = False
-
-
-def walk_layers(model):
-    """Every layer inside `model`, once each, depth first.
-
-    Follows public attributes only: `.layers` of models, `.layer` of wrappers
-    (`ParallelReplicas`, `Bidirectional`, `TimeDistributed`) and the sub-layers
-    of recurrent layers, so a `DataParallel` model's template is walked too.
-    """
-    seen = {id(model)}
-    stack = [model]
-    while stack:
-        parent = stack.pop()
-        children = list(getattr(parent, "layers", None) or [])
-        for attr in ("layer", "forward_layer", "backward_layer", "cell"):
-            child = getattr(parent, attr, None)
-            if child is not None and hasattr(child, "weights"):
-                children.append(child)
-        for child in reversed(children):
-            if id(child) not in seen:
-                seen.add(id(child))
-                yield child
-                stack.append(child)
 
 
 def _keras_package_of(obj) -> str | None:
@@ -81,7 +58,7 @@ def _check_template(model):
             "functional or Sequential model built from `keras.Input`). Received: model "
             f"{model.name!r} has no inputs yet; build it with an Input layer first."
         )
-    for layer in walk_layers(model):
+    for layer in _graph.all_sublayers(model):
         if getattr(layer, "stateful", False) is True:
             raise ValueError(
                 f"Invalid value for argument `model`. Layer {layer.name!r} is stateful: its "

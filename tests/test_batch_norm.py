@@ -73,6 +73,12 @@ def _train(model, x, y, batch_size, epochs=2):
     model.fit(x, y, batch_size=batch_size, epochs=epochs, shuffle=False, verbose=0)
 
 
+def _assert_training_outputs_equal(parallel, template, x, tol=2e-5):
+    np.testing.assert_allclose(
+        _numpy(parallel(x, training=True)), _numpy(template(x, training=True)), rtol=tol, atol=tol
+    )
+
+
 def _assert_weights(actual, expected, tol=2e-5):
     # Weights and moving statistics (get_weights lists both), relative 2e-5 as the
     # issue asks: float32 sums in another order across devices.
@@ -86,10 +92,7 @@ def test_training_outputs_are_the_whole_batch_ones(split):
     parallel = _parallel(template, len(split), split)
     x, _ = data((5,), 2 * len(split) + 1)
     for rows in range(1, 2 * len(split) + 2):  # 1 .. 2n + 1 rows, empty slices included
-        expected = template(x[:rows], training=True)
-        np.testing.assert_allclose(
-            _numpy(parallel(x[:rows], training=True)), _numpy(expected), rtol=2e-5, atol=2e-5
-        )
+        _assert_training_outputs_equal(parallel, template, x[:rows])
 
 
 @pytest.mark.parametrize("split", [[2, 1], [3, 1, 1]], ids=str)
@@ -162,12 +165,7 @@ def test_inference_and_frozen_layers_use_the_moving_statistics():
     x, _ = data((5,), 5)
     np.testing.assert_allclose(_numpy(parallel(x)), _numpy(template(x)), rtol=1e-5, atol=1e-6)
     template.get_layer("bn").trainable = False
-    np.testing.assert_allclose(
-        _numpy(parallel(x, training=True)),
-        _numpy(template(x, training=True)),
-        rtol=1e-5,
-        atol=1e-6,
-    )
+    _assert_training_outputs_equal(parallel, template, x, tol=1e-6)
 
 
 def test_an_invalid_batch_norm_is_named():
@@ -248,12 +246,7 @@ def test_masked_positions_are_not_counted():
         return
     parallel = _parallel(template, 2, [2, 1])
     ids = np.array([[1, 2, 0, 0], [3, 0, 0, 0], [4, 5, 1, 0], [2, 2, 2, 2], [5, 0, 0, 0]])
-    np.testing.assert_allclose(
-        _numpy(parallel(ids, training=True)),
-        _numpy(template(ids, training=True)),
-        rtol=2e-5,
-        atol=2e-5,
-    )
+    _assert_training_outputs_equal(parallel, template, ids)
 
 
 def test_plan_says_what_the_statistics_cover():

@@ -14,7 +14,7 @@ from keras_parallel._warnings import warn
 from keras_parallel.accumulation_plan import refine_micro_batch_size
 from keras_parallel.layers.batch_slice import slice_sizes
 from keras_parallel.memory import device_memory_limit
-from keras_parallel.parallel import num_replicas, replicas, unwrap, walk_layers
+from keras_parallel.parallel import num_replicas, replicas, unwrap
 from keras_parallel.plan import plan_auto
 
 __all__ = ["GradientAccumulation"]
@@ -23,7 +23,7 @@ _AUTO = "auto"
 
 
 def _has_batch_normalization(model) -> bool:
-    return any(isinstance(layer, keras.layers.BatchNormalization) for layer in walk_layers(model))
+    return any(is_batch_norm(layer) for layer in all_sublayers(model))
 
 
 def _batch_norm_pool(model) -> BatchNormPool:
