@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import warnings
 
@@ -116,11 +117,13 @@ class ParallelModel(keras.Model):
             self.optimizer.build(self.trainable_variables)
 
     def save_weights(self, filepath, *args, **kwargs):
-        """Saves the template's weights, in the template's layout (see the class doc)."""
+        """Saves the template's weights, in the template's layout, and this model's
+        optimizer state (see the class doc)."""
         core = self._replicas_layer()
         if core is None:  # pragma: no cover - only for a hand-built instance
             return super().save_weights(filepath, *args, **kwargs)
-        return core.layer.save_weights(filepath, *args, **kwargs)
+        with _optimizer_lent(core.layer, getattr(self, "optimizer", None)):
+            return core.layer.save_weights(filepath, *args, **kwargs)
 
     def load_weights(self, filepath, *args, **kwargs):
         """Loads weights saved by the template or by a `DataParallel` model."""
@@ -130,7 +133,9 @@ class ParallelModel(keras.Model):
         try:
             # Keras warns about the parts it skips before it fails on a file in the
             # parallel layout: held back here, and shown only if the load succeeds.
-            with warnings.catch_warnings(record=True) as held:
+            with warnings.catch_warnings(record=True) as held, _optimizer_lent(
+                core.layer, getattr(self, "optimizer", None)
+            ):
                 warnings.simplefilter("always")
                 status = core.layer.load_weights(filepath, *args, **kwargs)
                 # tf-keras's TensorFlow-checkpoint format matches lazily: check
@@ -147,6 +152,33 @@ class ParallelModel(keras.Model):
                 return super().load_weights(filepath, *args, **kwargs)
             except Exception:
                 raise template_error from None
+
+
+@contextlib.contextmanager
+def _optimizer_lent(template, optimizer):
+    """On Keras 3, `template.optimizer` is `optimizer` inside the block.
+
+    Keras 3 writes a model's optimizer state into its weights file (and reads
+    it back) when the model has an optimizer: lent to the template, the
+    parallel model's optimizer state (iterations, slots, loss scale) travels
+    with the template's weights, in the template's layout, so resuming
+    (`BackupAndRestore`) continues the same optimizer. A template without an
+    optimizer ignores that part when it loads the file. tf-keras's formats
+    keep the optimizer separately: nothing is lent there.
+    """
+    if not IS_KERAS_3 or optimizer is None or template is None:
+        yield
+        return
+    missing = object()
+    own = template.__dict__.get("optimizer", missing)
+    template.optimizer = optimizer
+    try:
+        yield
+    finally:
+        if own is missing:
+            del template.optimizer
+        else:
+            template.optimizer = own
 
 
 if not IS_KERAS_3:
