@@ -184,5 +184,6 @@ def test_benchmark_plot_tables_are_on_the_page():
     assert all(len(r["repeats"]) > 1 for r in figures["data_parallel"])
     assert len(figures["accumulation_memory"]) == 2
     assert all(value > 0 for _, value in figures["xla"])
+    assert len(figures["batch_norm"]["configs"]) == 4 and figures["batch_norm"]["epochs"]
     for image in re.findall(r"\]\((img/bench_[\w]+\.png)\)", text):
         assert (DOCS / image).exists(), image
