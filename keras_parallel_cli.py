@@ -315,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train Keras models with a bigger batch than one GPU holds.",
         epilog="Exit codes: 0 ok, 2 bad arguments, 3 missing file, 4 not a Keras model.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     devices = commands.add_parser("devices", help="list the devices, their kind and memory limit")
@@ -323,7 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = commands.add_parser("plan", help="the plan for training a saved model")
     plan.add_argument("model", help="a saved Keras model (.keras, .h5, SavedModel folder)")
-    plan.add_argument("--batch-size", type=_positive_int, required=True)
+    plan.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        required=True,
+        help="the batch_size given to fit: rows per step over all devices",
+    )
     plan.add_argument(
         "--devices",
         nargs="+",
@@ -351,7 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan.set_defaults(handler=_plan_command)
 
-    demo = commands.add_parser("demo", help="train the video demo (main job)")
+    demo = commands.add_parser(
+        "demo", help="train a small video classifier on every device found, and show the plan"
+    )
     add_demo_arguments(demo)
     demo.set_defaults(handler=_demo_command)
     return parser
@@ -398,9 +406,28 @@ def choose_backend(environ=None) -> str | None:
     return None
 
 
+def _version() -> str:
+    """The installed package's version (no framework import)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("keras-parallel")
+    except PackageNotFoundError:  # run from a checkout without installing
+        return "unknown (not installed)"
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as one line for a person at a terminal: no Python source line."""
+    return f"{category.__name__}: {message}\n"
+
+
 def main(argv=None) -> int:
-    # An application may choose TensorFlow's log level (a library may not).
+    # An application may choose TensorFlow's log level (a library may not), and
+    # how warnings look in its terminal.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", DEFAULT_TF_LOG_LEVEL)
+    import warnings
+
+    warnings.formatwarning = _format_warning
     args = build_parser().parse_args(argv)
     choose_backend()
     return args.handler(args)

@@ -13,7 +13,8 @@ slice over every GPU again.
 TensorFlow backend only (Keras 3 on TensorFlow, or tf-keras). On JAX, Keras's
 own `keras.distribution` trains over several processes, and DataParallel and
 GradientAccumulation run inside it; `check_fit_supported` checks, before any
-data is read, that every process cuts its rows alike. See docs/several_machines.md.
+data is read, that every process cuts its rows alike. See the documentation's
+"Several machines" page.
 """
 
 from __future__ import annotations

@@ -48,8 +48,13 @@ def _check_template(model):
                 f"{getattr(model, 'name', model)!r} of type {type(model).__module__}."
                 f"{type(model).__name__}"
             )
+        hint = (
+            " (a path: load the model first, with `keras.models.load_model(path)`)"
+            if isinstance(model, str | bytes) or hasattr(model, "__fspath__")
+            else ""
+        )
         raise ValueError(
-            "Invalid value for argument `model`. Expected a Keras model. "
+            f"Invalid value for argument `model`. Expected a Keras model{hint}. "
             f"Received: model={model!r} of type {type(model).__name__}"
         )
     if not getattr(model, "inputs", None):
@@ -70,7 +75,8 @@ def _check_template(model):
         batch = tuple(tensor.shape)[0] if len(tensor.shape) else None
         if batch is not None:
             raise ValueError(
-                f"Invalid value for argument `model`. Input {tensor.name!r} has a fixed batch "
+                f"Invalid value for argument `model`. Input {_tensor_name(tensor)!r} has a "
+                "fixed batch "
                 f"size ({batch}); DataParallel cuts every batch into slices of other sizes, so "
                 "the batch dimension must be None. Rebuild the model with "
                 "`keras.Input(shape=...)` instead of `batch_shape`/`batch_size`."

@@ -78,7 +78,11 @@ PLAN = ["plan", "MODEL", "--batch-size"]
 #: Commands that stop in argparse or at the file check: (argv, exit code, what it says).
 LIGHT = [
     (["--help"], 0, "devices"),
+    (["--version"], 0, "keras-parallel 0."),
     (["plan", "--help"], 0, "--cpus N"),
+    (["plan", "--help"], 0, "the batch_size given to fit"),
+    (["plan", "--help"], 0, "--batch-norm {global,per_slice}"),
+    ([*PLAN, "8", "--batch-norm", "sync"], 2, "--batch-norm: invalid choice: 'sync'"),
     (["demo", "--help"], 0, "--micro-batch-size"),
     (["devices", "--cpus", "0"], 2, "--cpus: expected a positive integer, got '0'"),
     ([*PLAN, "0"], 2, "--batch-size: expected a positive integer, got '0'"),
@@ -96,6 +100,8 @@ HEAVY = {
     "plan": [*PLAN, "32", "--cpus", "2", "--devices", "/cpu:0", "/cpu:1", "--split", "2,1"]
     + ["--micro-batch-size", "16"],
     "zip": ["plan", "ZIP", "--batch-size", "8"],
+    "plan_bn": ["plan", "BN_MODEL", "--batch-size", "12", "--cpus", "2", "--split", "2,1"]
+    + ["--batch-norm", "per_slice"],
 }
 
 
@@ -106,6 +112,10 @@ def one_process(saved_model, tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("cli_files")
     files = {"MODEL": saved_model, "NOPE": str(folder / "nope.keras")}
+    files["BN_MODEL"] = str(folder / "bn.keras")
+    inputs = keras.Input((4,))
+    normalized = keras.layers.BatchNormalization()(keras.layers.Dense(3)(inputs))
+    keras.Model(inputs, keras.layers.Dense(2)(normalized)).save(files["BN_MODEL"])
     files["TEXT"] = str(folder / "notes.keras")
     files["H5"] = str(folder / "notes.h5")
     for name in ("TEXT", "H5"):
@@ -163,6 +173,15 @@ def test_plan_on_a_cpu_split_in_two(one_process):
         ["/device:CPU:0", "2", "22"],
         ["/device:CPU:1", "1", "10"],
     ]
+
+
+def test_plan_says_what_batch_normalization_statistics_cover(one_process):
+    code, out, err, _ = one_process["plan_bn"]
+    assert code == 0, err
+    assert (
+        "BatchNormalization: statistics of each device's slice (8, 4 rows) "
+        "(batch_norm='per_slice')" in out
+    )
 
 
 def test_a_zip_that_is_not_a_model_exits_4(one_process):

@@ -318,9 +318,9 @@ def test_bad_arguments_raise_clear_errors(kwargs, message):
 
 
 def test_fixed_batch_size_raises():
-    inputs = keras.Input(batch_shape=(8, 3))
+    inputs = keras.Input(batch_shape=(8, 3), name="clips")
     model = keras.Model(inputs, keras.layers.Dense(1)(inputs))
-    with pytest.raises(ValueError, match="fixed batch size"):
+    with pytest.raises(ValueError, match="Input 'clips' has a fixed batch size"):
         DataParallel(model, devices=CPU2)
 
 
@@ -337,8 +337,10 @@ def test_stateful_rnn_raises():
 
 
 def test_not_a_model_raises():
-    with pytest.raises(ValueError, match="Expected a Keras model"):
+    with pytest.raises(ValueError, match="Expected a Keras model. Received"):
         DataParallel(keras.layers.Dense(3), devices=CPU2)
+    with pytest.raises(ValueError, match=r"load the model first, with `keras.models.load_model"):
+        DataParallel("classifier.keras", devices=CPU2)
 
 
 def test_core_layer_config_round_trip():

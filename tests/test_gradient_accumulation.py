@@ -498,3 +498,12 @@ def test_mirrored_strategy_gives_the_weights_of_a_single_device():
         accumulated = _train([GradientAccumulation(3)], optimizer="momentum", n=64, batch_size=16)
     plain = _train([], optimizer="momentum", n=64, batch_size=16)
     _assert_same_training(accumulated, plain)
+
+
+def test_a_micro_batch_larger_than_the_batch_says_so_and_logs_what_runs():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, history = _train([GradientAccumulation(64)], epochs=1, batch_size=32, n=40)
+    larger = [w for w in caught if "is larger than the batch's 32 rows" in str(w.message)]
+    assert len(larger) == 1  # the first batch only, not the short last one
+    assert history["micro_batch_size"] == [32]

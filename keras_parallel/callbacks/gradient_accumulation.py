@@ -131,14 +131,15 @@ class GradientAccumulation(keras.callbacks.Callback):
     size: `"auto"` takes the smallest of the workers' plans (one exchange, when it
     plans), and a step that runs out of memory on any worker is undone on every
     worker, which all redo the same batch with half the micro-batch; the "failed"
-    count rides in the step's one gradient all-reduce (see
-    docs/several_machines.md).
+    count rides in the step's one gradient all-reduce (see the documentation's
+    "Several machines" page).
 
     The chosen size is in the attribute `micro_batch_size_` after training starts,
     and in the epoch logs as `micro_batch_size`.
 
     Works with Keras 3 on the TensorFlow, JAX and torch backends and with tf-keras
-    (see docs/accumulation.md for what differs per backend).
+    (the documentation's "Gradient accumulation" page says what differs per
+    backend).
 
     Args:
         micro_batch_size: int or `"auto"`. Rows per device per micro-batch, or
@@ -247,6 +248,7 @@ class GradientAccumulation(keras.callbacks.Callback):
         self._cache = (key, train_function)
         self.micro_batch_size_ = None if self.micro_batch_size == _AUTO else self.micro_batch_size
         self._warned_batch_normalization = False
+        self._in_use = None  # the micro-batch size the first batch ran with
         self._has_batch_normalization = _has_batch_normalization(model)
         self._batch_norm_per_slice = (
             num_replicas(model) > 1 and replicas(model).batch_norm == "per_slice"
@@ -265,7 +267,7 @@ class GradientAccumulation(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None and self.micro_batch_size_ is not None:
-            logs["micro_batch_size"] = self.micro_batch_size_
+            logs["micro_batch_size"] = self._in_use or self.micro_batch_size_
 
     def on_train_end(self, logs=None):
         if self._installed is not None:
@@ -308,6 +310,16 @@ class GradientAccumulation(keras.callbacks.Callback):
             # Several workers (MultiWorkerMirroredStrategy) run the smallest plan.
             self.micro_batch_size_ = train_function.agree_on_size(planned)
         micro = self.micro_batch_size_
+        first = self._in_use is None  # the first batch of the fit: a full one
+        if first and micro > rows_per_device > 0:
+            warn(
+                f"GradientAccumulation(micro_batch_size={micro}) is larger than the batch's "
+                f"{rows_per_device} rows per device: each batch runs in one step, without "
+                "accumulation (the logs record the micro-batch size in use). Pass a "
+                "micro_batch_size below the rows per device to accumulate."
+            )
+        if first:
+            self._in_use = min(micro, rows_per_device) if rows_per_device else micro
         if (
             self._has_batch_normalization
             and not self._warned_batch_normalization

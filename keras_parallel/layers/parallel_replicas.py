@@ -101,7 +101,8 @@ class ParallelReplicas(keras.layers.Wrapper):
     the layer (predict, a traced `fit` step, a reloaded model). On the
     TensorFlow backend the layer does not support XLA (`supports_jit` is
     False): XLA would put every slice on one device. On JAX the slices are
-    sharded over a mesh of the devices instead (see docs/backends.md).
+    sharded over a mesh of the devices instead (the documentation's "Backends"
+    page).
 
     Empty slices (a batch with fewer rows than devices) are fine: the wrapped
     model is never called on one; its place in the output is a 0-row tensor
