@@ -248,7 +248,7 @@ class GradientAccumulation(keras.callbacks.Callback):
         self._cache = (key, train_function)
         self.micro_batch_size_ = None if self.micro_batch_size == _AUTO else self.micro_batch_size
         self._warned_batch_normalization = False
-        self._in_use = None  # the micro-batch size the first batch ran with
+        self._first_rows = None  # rows per device of the fit's first (full) batch
         self._has_batch_normalization = _has_batch_normalization(model)
         self._batch_norm_per_slice = (
             num_replicas(model) > 1 and replicas(model).batch_norm == "per_slice"
@@ -267,7 +267,10 @@ class GradientAccumulation(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None and self.micro_batch_size_ is not None:
-            logs["micro_batch_size"] = self._in_use or self.micro_batch_size_
+            # The size in use: never more than a full batch's rows per device.
+            logs["micro_batch_size"] = min(
+                self.micro_batch_size_, self._first_rows or self.micro_batch_size_
+            )
 
     def on_train_end(self, logs=None):
         if self._installed is not None:
@@ -310,7 +313,7 @@ class GradientAccumulation(keras.callbacks.Callback):
             # Several workers (MultiWorkerMirroredStrategy) run the smallest plan.
             self.micro_batch_size_ = train_function.agree_on_size(planned)
         micro = self.micro_batch_size_
-        first = self._in_use is None  # the first batch of the fit: a full one
+        first = self._first_rows is None  # the first batch of the fit: a full one
         if first and micro > rows_per_device > 0:
             warn(
                 f"GradientAccumulation(micro_batch_size={micro}) is larger than the batch's "
@@ -319,7 +322,7 @@ class GradientAccumulation(keras.callbacks.Callback):
                 "micro_batch_size below the rows per device to accumulate."
             )
         if first:
-            self._in_use = min(micro, rows_per_device) if rows_per_device else micro
+            self._first_rows = rows_per_device
         if (
             self._has_batch_normalization
             and not self._warned_batch_normalization
