@@ -76,7 +76,7 @@ def _keep_shape(stat, rank, channels):
     return _ops.reshape(stat, shape)
 
 
-def normalize_parts(layer, parts, devices, weights=None, stats_device=None, groups=None):
+def normalize_parts(layer, parts, devices, weights=None, groups=None):
     """`layer` applied in training to a batch held in `parts`, with whole-batch moments.
 
     Args:
@@ -86,8 +86,6 @@ def normalize_parts(layer, parts, devices, weights=None, stats_device=None, grou
         weights: per part, None or a float tensor broadcastable to the part
             (rows first) with 1 for the rows and positions that count and 0 for
             padding rows or masked positions.
-        stats_device: where the parts' sums are added. Defaults to the first
-            part's device.
         groups: lists of part indices normalised together, each with its own
             moments and each moving the moving statistics once, in order.
             Defaults to one group of every part.
@@ -97,8 +95,7 @@ def normalize_parts(layer, parts, devices, weights=None, stats_device=None, grou
     """
     weights = weights or [None] * len(parts)
     groups = groups or [list(range(len(parts)))]
-    if stats_device is None:
-        stats_device = devices[0]
+    stats_device = devices[0]  # where the parts' sums are added
     rank = len(_ops.static_shape(parts[0]))
     channels, reduce = _axes(layer, rank)
     dtype = _compute_dtype(parts[0])

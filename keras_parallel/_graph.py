@@ -9,10 +9,11 @@ over all parts at once).
 
 Keras lists no functional model's nodes in order through a public API: this is
 the one module that reads them, from the model's own `_nodes_by_depth` (Keras 3
-and tf-keras both keep it; tf-keras's nodes also need its `_tensor_usage_count`-
-free `map_arguments`, fed one value at a time below). `tests/test_graph.py`
-fails by name when Keras changes them. Sequential models are run from their
-public `layers`.
+and tf-keras both keep it; tf-keras's `node.map_arguments` pops one value per
+use, so it is fed a dict that gives one per lookup), and the Keras mask a tensor
+carries (`_keras_mask`). `tests/test_batch_norm.py::
+test_the_graph_contracts_keras_keeps` fails by name when Keras changes them.
+Sequential models are run from their public `layers`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,11 @@ __all__ = [
     "all_sublayers",
     "is_graph_model",
     "mask_of",
-    "masked_input", "run_parts", "set_mask", "sublayers"]
+    "masked_input",
+    "run_parts",
+    "set_mask",
+    "sublayers",
+]
 
 
 def _defines_call(model) -> str | None:

@@ -306,13 +306,28 @@ def test_accumulation_with_per_slice_statistics_moves_them_per_slice():
 
     template = dense_bn(momentum=0.7)
     x, y = data((5,), 12)
+    bn = template.get_layer("bn")
+    moving = [_numpy(v).astype("float64") for v in (bn.moving_mean, bn.moving_variance)]
+    features = _numpy(template.layers[1](x)).astype("float64")  # the layer's inputs
     parallel = _parallel_per_slice(template, [1, 1])
-    parallel.compile(keras.optimizers.SGD(0.0), "mse")
+    parallel.compile(keras.optimizers.SGD(0.0), "mse")  # no weight moves: only the statistics
     with pytest.warns(UserWarning, match="2 rows per device instead of batches of 6"):
         parallel.fit(
-            x, y, batch_size=12, epochs=1, verbose=0, callbacks=[GradientAccumulation(2)]
+            x,
+            y,
+            batch_size=12,
+            epochs=1,
+            shuffle=False,
+            verbose=0,
+            callbacks=[GradientAccumulation(2)],
         )
-    assert all(np.isfinite(_numpy(v)).all() for v in template.non_trainable_weights)
+    # 3 micro steps of 4 rows, each cut 2 + 2: one move per slice, in row order.
+    for start in range(0, 12, 2):
+        rows = features[start : start + 2]
+        moments = (rows.mean(0), rows.var(0))
+        moving = [0.7 * m + 0.3 * s for m, s in zip(moving, moments, strict=True)]
+    for variable, expected in zip((bn.moving_mean, bn.moving_variance), moving, strict=True):
+        np.testing.assert_allclose(_numpy(variable), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_mixed_precision_keeps_the_statistics_in_float32():

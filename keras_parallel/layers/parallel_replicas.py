@@ -348,13 +348,13 @@ class ParallelReplicas(keras.layers.Wrapper):
         )
         return outputs, None
 
+    def _trains_batch_norm(self, training) -> bool:
+        """True when this call computes batch moments in a layer keras_parallel reaches."""
+        return training is True and any(bn.trainable for bn in self._global_batch_norms)
+
     def _walks(self, training) -> bool:
         """True when this call must run the template layer by layer (global moments)."""
-        return (
-            self.batch_norm == "global"
-            and training is True
-            and any(bn.trainable for bn in self._global_batch_norms)
-        )
+        return self.batch_norm == "global" and self._trains_batch_norm(training)
 
     def _call_layer(self, layer, args, kwargs, rows, batch, collect=True):
         """One layer of the walk on one slice: (outputs, its share of the losses or None)."""
@@ -531,7 +531,7 @@ class ParallelReplicas(keras.layers.Wrapper):
         if not isinstance(batch, int) or batch == 0:
             return self.layer(inputs, **kwargs)  # symbolic, or nothing to cut
         sizes = self.slice_sizes(batch)
-        in_training = training is True and any(bn.trainable for bn in self._global_batch_norms)
+        in_training = self._trains_batch_norm(training)
         per_slice = self.batch_norm == "per_slice"
         if in_training and (per_slice or len(set(sizes)) > 1) and batch_layout() is None:
 
