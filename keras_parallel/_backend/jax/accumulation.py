@@ -105,10 +105,6 @@ def _python_scan(body, carry, xs):
     return carry, jax.tree_util.tree_map(lambda *ys: jnp.stack(ys), *outputs)
 
 
-class _NoPool:
-    variables = ()
-
-
 def _like(new, old):
     """`new` in `old`'s dtypes: a loop's carry keeps its types from one micro-batch to the next."""
     return jax.tree_util.tree_map(lambda n, o: jnp.asarray(n, o.dtype), new, old)
@@ -133,7 +129,8 @@ class AccumulatingTrainFunction(TrainFunctionSwitch):
         super().__init__(model, run_batch, num_replicas, batch_norm_pool)
         # Where the pool's variables sit in the model's non-trainable state.
         places = {id(v): i for i, v in enumerate(model.non_trainable_variables)}
-        self._pooled = [places[id(v)] for v in (self.batch_norm_pool or _NoPool).variables]
+        pooled = self.batch_norm_pool.variables if self.batch_norm_pool else ()
+        self._pooled = [places[id(v)] for v in pooled]
         self._tracker = loss_tracker(model)
         self._state = None
         self._jit = not model.run_eagerly and model.jit_compile
@@ -244,7 +241,7 @@ class AccumulatingTrainFunction(TrainFunctionSwitch):
 
         statistics = ()
         if pool:
-            # The first merge gives the pool its structure, fixed through the loop.
+            # Its structure (the saved values, zero moments) stays fixed through the loop.
             statistics = pool.start([non_trainable[i] for i in pooled], jnp.float32(0.0))
         carry = ([jnp.zeros_like(v) for v in trainable], non_trainable, metrics, statistics)
         losses, predictions = [], []
