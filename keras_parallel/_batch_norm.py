@@ -101,6 +101,7 @@ def normalize_parts(layer, parts, devices, weights=None, groups=None):
     dtype = _compute_dtype(parts[0])
     masked = any(w is not None for w in weights)
     outputs = [None] * len(parts)
+    move = _backend.devices.move_to  # explicit moves where a backend needs them (JAX)
     for group in groups:
         xs, sums, counts = {}, [], []
         for k in group:
@@ -116,6 +117,8 @@ def normalize_parts(layer, parts, devices, weights=None, groups=None):
                     sums.append(_ops.sum_over(x * w, reduce))
                     counts.append(_ops.sum_over(_ops.broadcast_like(w, x), reduce))
         with device_scope(stats_device):
+            counts = [move(c, stats_device) for c in counts]
+            sums = [move(v, stats_device) for v in sums]
             # Over the replicas of a tf.distribute strategy too (one per worker).
             total, summed = _backend.cross_replica_sum([_ops.add_n(counts), _ops.add_n(sums)])
             divisor = _divisor(total, masked)
@@ -123,18 +126,25 @@ def normalize_parts(layer, parts, devices, weights=None, groups=None):
         squares = []
         for k in group:
             with device_scope(devices[k]):
-                centred = xs[k] - _keep_shape(mean, rank, channels)
+                centred = xs[k] - _keep_shape(move(mean, devices[k]), rank, channels)
                 if weights[k] is not None:
                     centred = centred * _ops.cast(weights[k], dtype)
                 squares.append(_ops.sum_over(centred * centred, reduce))
         with device_scope(stats_device):
+            squares = [move(v, stats_device) for v in squares]
             (squared,) = _backend.cross_replica_sum([_ops.add_n(squares)])
             variance = squared / divisor
-            _move(layer, mean, variance, total)
+            _move(layer, mean, variance, total, stats_device)
         for k in group:
             with device_scope(devices[k]):
                 outputs[k] = _ops.batch_normalization(
-                    xs[k], mean, variance, _keep_shape, channels, layer
+                    xs[k],
+                    move(mean, devices[k]),
+                    move(variance, devices[k]),
+                    _keep_shape,
+                    channels,
+                    layer,
+                    device=devices[k],
                 )
     return outputs
 
@@ -151,13 +161,14 @@ def _divisor(total, masked):
     return _ops.maximum(total, 1.0)
 
 
-def _move(layer, mean, variance, total):
-    """Moves `layer`'s moving statistics once with the batch's moments (no move for 0 rows)."""
+def _move(layer, mean, variance, total, device=None):
+    """Moves `layer`'s moving statistics once with the batch's moments (no move for 0 rows),
+    computed on `device` (where the moments are)."""
     momentum = float(layer.momentum)
     if not IS_KERAS_3 and getattr(layer, "fused", False):
         variance = variance * total / _ops.maximum(total - 1.0, 1.0)
     for variable, value in ((layer.moving_mean, mean), (layer.moving_variance, variance)):
-        old = _ops.cast(variable, _ops.dtype_name(value))
+        old = _backend.devices.move_to(_ops.cast(variable, _ops.dtype_name(value)), device)
         if IS_KERAS_3:
             new = old * momentum + value * (1.0 - momentum)
         else:

@@ -91,10 +91,15 @@ if IS_KERAS_3:
     def where_positive(total, new, old):
         return ops.where(ops.greater(total, 0), new, old)
 
-    def batch_normalization(x, mean, variance, keep_shape, channels, layer):
-        """`x` normalised as `layer` does in training, with the given moments (per channel)."""
-        gamma = ops.cast(layer.gamma, x.dtype) if layer.scale else None
-        beta = ops.cast(layer.beta, x.dtype) if layer.center else None
+    def batch_normalization(x, mean, variance, keep_shape, channels, layer, device=None):
+        """`x` normalised as `layer` does in training, with the given moments (per channel).
+
+        `device`: where `x` is, for the backends that move values explicitly (JAX's
+        per-device path); the layer's scale and offset are read there.
+        """
+        move = _backend.devices.move_to
+        gamma = move(ops.cast(layer.gamma, x.dtype), device) if layer.scale else None
+        beta = move(ops.cast(layer.beta, x.dtype), device) if layer.center else None
         outputs = ops.batch_normalization(
             x, mean, variance, axis=layer.axis, offset=beta, scale=gamma, epsilon=layer.epsilon
         )

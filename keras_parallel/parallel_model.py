@@ -100,7 +100,38 @@ class ParallelModel(keras.Model):
                 bound.arguments["jit_compile"] = False
             elif jit == "auto":
                 bound.arguments["jit_compile"] = False
+        elif backend_name() == "jax":
+            bound.arguments["jit_compile"] = self._jax_jit_compile(jit)
         return super().compile(*bound.args, **bound.kwargs)
+
+    def _jax_jit_compile(self, jit):
+        """JAX: no jitted step where slices differ (each device runs its own rows).
+
+        Without a `keras.distribution`, an unequal split (or devices of different kinds) runs one program per
+        device, dispatched from an unjitted step: `jit_compile="auto"` resolves to
+        False. An explicit `jit_compile=True` keeps one SPMD program over a mesh,
+        every slice padded to the largest (devices of different kinds cannot form
+        one: turned off, with a warning).
+        """
+        from keras_parallel._backend.jax.replicas import (
+            batch_layout,
+            needs_per_device,
+            platforms_differ,
+        )
+
+        core = self._replicas_layer()
+        if core is None or not needs_per_device(core.placement, core.ratios):
+            return jit
+        if batch_layout() is not None:
+            return jit  # a keras.distribution's step is one program over its mesh
+        if jit is True and platforms_differ(core.placement):
+            warn(
+                "DataParallel model: `jit_compile=True` is turned off. The devices "
+                f"{core.placement} are of different kinds, which one jitted (SPMD) "
+                "program cannot span; each device runs its own program instead.",
+            )
+            return False
+        return False if jit == "auto" else jit
 
     def fit(self, *args, **kwargs):
         # Keras 3 fails inside its own fit on several workers: say so first, before

@@ -269,7 +269,7 @@ def plan(
         steps = accumulation_plan.accumulation_steps(batch_size, micro, n)
         rows_per_step = min(batch_size, n * micro)
     rows = slice_sizes(rows_per_step, ratios)
-    computed = _backend.devices.computed_rows(rows)
+    computed = _backend.devices.computed_rows(rows, ratios)
     if computed != rows:
         notes.append(_padding_note())
     peaks = [None if peak_line is None else int(peak_line[0] + peak_line[1] * r) for r in computed]
@@ -327,9 +327,10 @@ def _peak_line_note(points, peak_line) -> str:
 
 def _padding_note() -> str:
     return (
-        f"on the {_backend.BACKEND} backend every device computes as many rows as the "
-        "largest slice (DataParallel pads the smaller slices): 'computes' gives those "
-        "rows, and the peaks and 'auto' count them"
+        f"on the {_backend.BACKEND} backend an even split runs one program over the "
+        "devices, every device computing as many rows as the largest slice (a batch "
+        "that does not divide evenly pads the shorter slices by a row): 'computes' "
+        "gives those rows, and the peaks and 'auto' count them"
     )
 
 
@@ -434,7 +435,9 @@ def auto_micro_batch_size(
     ]
     m = max(1, math.ceil(batch_size / n))
     while m > 1:
-        rows = _backend.devices.computed_rows(slice_sizes(min(batch_size, n * m), ratios))
+        rows = _backend.devices.computed_rows(
+            slice_sizes(min(batch_size, n * m), ratios), ratios
+        )
         if all(r <= c for r, c in zip(rows, capacity, strict=True)):
             break
         m -= 1

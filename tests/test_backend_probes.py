@@ -154,17 +154,26 @@ def test_plan_shows_the_rows_each_device_computes():
         model(), 32, devices=devices, split=[2, 1], memory_probe=lambda rows: (10 + rows) * MIB
     )
     assert result.rows_per_device == [22, 10]
+    # Every backend: an unequal split computes each device's own rows (JAX runs one
+    # program per device on it, no padding).
+    assert result.rows_computed == [22, 10]
+    assert [round(p / MIB) for p in result.peak_bytes] == [32, 20]
     table = [line.split() for line in str(result).splitlines() if line.startswith("/device:")]
-    if BACKEND == "jax":  # the smaller slice is padded to the larger one
-        assert result.rows_computed == [22, 22]
-        assert [round(p / MIB) for p in result.peak_bytes] == [32, 32]
-        assert [row[2:4] for row in table] == [["22", "22"], ["10", "22"]]
+    assert [row[2:4] for row in table] == [["22", "32"], ["10", "20"]]
+    assert "computes" not in str(result)
+
+
+def test_plan_shows_the_padding_row_of_an_even_split_on_jax():
+    devices = two_cpus()
+    result = keras_parallel.plan(
+        model(), 31, devices=devices, memory_probe=lambda rows: (10 + rows) * MIB
+    )
+    assert result.rows_per_device == [16, 15]
+    if BACKEND == "jax":  # one SPMD program over a mesh: the 15 rows padded to 16
+        assert result.rows_computed == [16, 16]
         assert any("as many rows as the largest slice" in note for note in result.notes)
     else:
-        assert result.rows_computed == [22, 10]
-        assert [round(p / MIB) for p in result.peak_bytes] == [32, 20]
-        assert [row[2:4] for row in table] == [["22", "32"], ["10", "20"]]
-        assert "computes" not in str(result)
+        assert result.rows_computed == [16, 15]
 
 
 class Limits(DeviceProbe):
@@ -190,12 +199,9 @@ def test_auto_sizes_the_micro_batch_by_the_rows_computed():
         probe=limits,
     )
     assert result.fits is True
-    if BACKEND == "jax":  # device 1 computes device 0's rows: at most 10 each
-        assert result.micro_batch_size == 7 and result.rows_computed == [10, 10]
-        assert result.accumulation_steps == 3
-    else:
-        assert result.micro_batch_size == 16 and result.rows_computed == [22, 10]
-        assert result.accumulation_steps == 1
+    # Every backend, JAX included: device 1 computes only its own 10 rows.
+    assert result.micro_batch_size == 16 and result.rows_computed == [22, 10]
+    assert result.accumulation_steps == 1
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="JAX's host devices")

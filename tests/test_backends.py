@@ -178,6 +178,111 @@ def test_jax_distributed_blocks_keep_each_process_rows_on_its_devices():
     assert take.tolist() == [3, 0, 0, 0, 1, 2, 7, 4, 4, 4, 5, 6]
 
 
+def _concrete(value):
+    """The array under `jax.grad`'s tracers (outside a jit they wrap concrete arrays)."""
+    while hasattr(value, "primal"):
+        value = value.primal
+    return value
+
+
+def _record_slice_calls(monkeypatch):
+    """Records (device, rows, devices of the outputs) of each per-device program call."""
+    import jax
+
+    from keras_parallel._backend.jax import replicas as jax_replicas
+
+    calls = []
+    original = jax_replicas.SliceCalls.call
+
+    def call(self, layer, args, kwargs, device, index):
+        outputs, loss = original(self, layer, args, kwargs, device, index)
+        rows = int(jax.tree_util.tree_leaves(args)[0].shape[0])
+        placed = {str(d) for leaf in jax.tree_util.tree_leaves(outputs) for d in _concrete(leaf).devices()}
+        calls.append((layer.name, device, rows, placed))
+        return outputs, loss
+
+    monkeypatch.setattr(jax_replicas.SliceCalls, "call", call)
+    return calls
+
+
+@pytest.mark.skipif(backend_name() != "jax", reason="JAX's per-device programs")
+def test_jax_unequal_split_runs_each_device_on_its_own_rows(monkeypatch):
+    template = mlp()
+    initial = template.get_weights()
+    x, y = data((6,), 7)
+    template.compile(keras.optimizers.SGD(0.05), "mse")
+    template.fit(x, y, batch_size=7, epochs=2, shuffle=False, verbose=0)
+    expected = template.get_weights()
+
+    template.set_weights(initial)
+    parallel = _parallel(template, 3, [3, 1, 1])
+    parallel.compile(keras.optimizers.SGD(0.05), "mse")
+    assert parallel.jit_compile is False  # "auto": the step dispatches one program per device
+    calls = _record_slice_calls(monkeypatch)
+    parallel.fit(x, y, batch_size=7, epochs=2, shuffle=False, verbose=0)
+    # slices of 5, 1 and 1 rows, each computed on its own device, no padding
+    assert [(device, rows) for _, device, rows, _ in calls[:3]] == [
+        ("/device:CPU:0", 5),
+        ("/device:CPU:1", 1),
+        ("/device:CPU:2", 1),
+    ]
+    assert [len(placed) for *_, placed in calls[:3]] == [1, 1, 1]
+    assert len({next(iter(placed)) for *_, placed in calls[:3]}) == 3  # three devices
+    assert_weights_close(template.get_weights(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(backend_name() != "jax", reason="JAX's per-device programs")
+def test_jax_jit_compile_keeps_the_padded_program_only_when_asked(monkeypatch):
+    even = _parallel(mlp(), 2)
+    even.compile("sgd", "mse")
+    assert even.jit_compile is True  # the even split: one SPMD program
+    asked = _parallel(mlp(), 2, [2, 1])
+    asked.compile("sgd", "mse", jit_compile=True)
+    assert asked.jit_compile is True  # asked for one program: the padded SPMD one
+    calls = _record_slice_calls(monkeypatch)
+    x, y = data((6,), 6)
+    asked.fit(x, y, batch_size=6, epochs=1, verbose=0)
+    assert calls == []
+
+
+@pytest.mark.skipif(backend_name() != "jax", reason="JAX's per-device programs")
+def test_jax_slices_draw_their_own_dropout_masks_and_the_seed_moves_once():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((64,))
+    dropout = keras.layers.Dropout(0.5)
+    template = keras.Model(inputs, dropout(inputs))
+    parallel = _parallel(template, 2, [2, 1])
+    (state,) = [v for v in template.non_trainable_variables if "seed" in v.name]
+    before = _numpy(state.value).copy()
+    out = _numpy(parallel(np.ones((3, 64), "float32"), training=True))
+    assert not np.array_equal(out[0] == 0, out[2] == 0)  # slice 0 and slice 1 differ
+    after = _numpy(state.value)
+    template(np.ones((3, 64), "float32"), training=True)  # one call moves it once more
+    assert (after - before).tolist() == (_numpy(state.value) - after).tolist()
+
+
+@pytest.mark.skipif(backend_name() != "jax", reason="JAX's per-device programs")
+def test_jax_auto_plans_each_device_by_its_own_rows_as_plan_does():
+    from keras_parallel.callbacks import GradientAccumulation
+
+    from keras_parallel import _backend
+
+    template = mlp()
+    parallel = _parallel(template, 2, [2, 1])
+    peak = _backend.probes.peak_probe(template, "/device:CPU:0")
+    limit = peak(5)  # the first device fits 5 rows of its own at margin 1
+    planned = keras_parallel.plan(
+        parallel, 12, micro_batch_size="auto", memory_budget=limit, memory_margin=1.0
+    )
+    x, y = data((6,), 12)
+    parallel.compile(keras.optimizers.SGD(0.05), "mse")
+    callback = GradientAccumulation("auto", memory_budget=limit, memory_margin=1.0)
+    parallel.fit(x, y, batch_size=12, epochs=1, verbose=0, callbacks=[callback])
+    assert planned.rows_computed == planned.rows_per_device  # no padding counted
+    assert planned.rows_per_device[0] <= 5 < 8  # accumulates: 12 rows cut 8 + 4 do not fit
+    assert callback.micro_batch_size_ == planned.micro_batch_size
+
+
 def test_one_device_trains_like_the_template_and_skips_its_layers_where_steps_are_eager(
     monkeypatch,
 ):

@@ -246,6 +246,14 @@ class GradientAccumulation(keras.callbacks.Callback):
                 model, self._run_batch, replicas_n, pool
             )
         self._cache = (key, train_function)
+        if replicas_n > 1:
+            core = replicas(model)
+            ratios = list(core.ratios)
+            train_function.slices = (
+                core.layer,
+                core.placement[0],
+                lambda size: max(1, slice_sizes(replicas_n * size, ratios)[0]),
+            )
         self.micro_batch_size_ = None if self.micro_batch_size == _AUTO else self.micro_batch_size
         self._warned_batch_normalization = False
         self._first_rows = None  # rows per device of the fit's first (full) batch
@@ -391,12 +399,26 @@ class GradientAccumulation(keras.callbacks.Callback):
         micro = min(rows_per_device, auto.micro_batch_size)
         if _backend.accumulation.PROBE_RUNS_NOTHING:
             # Asking costs no memory (JAX compiles, runs nothing): check the line's
-            # size against exact figures. On JAX every device computes as many rows
-            # as the largest slice, so the smallest limit is the one to fit.
-            budget = self.memory_margin * min(limits)
-            micro = refine_micro_batch_size(
-                lambda size: measure(size)[1], micro, budget, rows_per_device
-            )
+            # size against exact figures.
+            sizes = slice_sizes(replicas_n * micro, ratios)
+            if _backend.devices.computed_rows(sizes, ratios) == sizes and replicas_n > 1:
+                # Each device computes its own rows; the probe measures the first
+                # device's: refine against its budget, never above the line's size
+                # (which every device's budget set).
+                refined = refine_micro_batch_size(
+                    lambda size: measure(size)[1],
+                    micro,
+                    self.memory_margin * limits[0],
+                    rows_per_device,
+                )
+                micro = min(micro, refined)
+            else:
+                # Every device computes as many rows as the largest slice (JAX's even
+                # split pads), so the smallest limit is the one to fit.
+                budget = self.memory_margin * min(limits)
+                micro = refine_micro_batch_size(
+                    lambda size: measure(size)[1], micro, budget, rows_per_device
+                )
         return micro
 
     def _on_out_of_memory(self, old: int, new: int) -> int:

@@ -211,6 +211,8 @@ class ParallelReplicas(keras.layers.Wrapper):
         self._slicers = [
             BatchSlice(index=i, ratios=ratios, name=f"slice_{i}") for i in range(len(ratios))
         ]
+        # JAX's per-device path: the jitted programs of each layer it calls, by layer.
+        self._device_programs = types.SimpleNamespace(by_layer={})
         # A replica whose slice is empty is not called: its place in the output is
         # a 0-row stand-in (see `_replica_output`).
         self._output_specs = _output_specs(layer)
@@ -363,7 +365,7 @@ class ParallelReplicas(keras.layers.Wrapper):
         outputs, loss = _ops.call_on_local_values(layer, args, kwargs)
         return outputs, _ops.scale_by_ratio(loss, rows, batch)
 
-    def _walk(self, pieces, devices, training, batch, normalize=None):
+    def _walk(self, pieces, devices, training, batch, normalize=None, calls=None):
         """The template on `pieces` (one per device), layer by layer: [(outputs, loss)].
 
         Every layer runs on every piece, each on its device, before the next
@@ -371,6 +373,8 @@ class ParallelReplicas(keras.layers.Wrapper):
         pieces with the whole batch's moments (`normalize(layer, inputs,
         devices)`, by default `_normalize`). A device of None places nothing
         (JAX's one sharded piece, whose layers add their losses themselves).
+        `calls`: JAX's per-device path (`SliceCalls`): each other layer's call on a
+        piece runs as a program on the piece's device.
         """
         normalize = normalize or _normalize
         collect = devices[0] is not None
@@ -397,6 +401,12 @@ class ParallelReplicas(keras.layers.Wrapper):
                 return _graph.run_parts(layer, [args[0] for args, _ in arguments], call)
             results = []
             for k, (args, kwargs) in enumerate(arguments):
+                if calls is not None:
+                    outputs, loss = calls.call(layer, args, kwargs, devices[k], k)
+                    loss = _ops.scale_by_ratio(loss, rows[k], batch)
+                    losses[k].append(loss)
+                    results.append(outputs)
+                    continue
                 with _batch_norm.device_scope(devices[k]):
                     outputs, loss = self._call_layer(
                         layer, args, kwargs, rows[k], batch, collect=collect
@@ -407,7 +417,7 @@ class ParallelReplicas(keras.layers.Wrapper):
             return results
 
         outputs = _graph.run_parts(self.layer, pieces, call)
-        if not (collect and self._collects_losses):
+        if calls is None and not (collect and self._collects_losses):
             return [(out, None) for out in outputs]
         return [
             (out, _ops.add_n(loss) if loss else _ops.zero_loss())
@@ -416,10 +426,12 @@ class ParallelReplicas(keras.layers.Wrapper):
 
     def _merge(self, results):
         """(outputs concatenated on the merge device, summed losses or None)."""
-        losses = [loss for _, loss in results if loss is not None]
+        move = _backend.devices.move_to  # explicit only where a backend needs it (JAX)
+        losses = [move(loss, self._merge_on) for _, loss in results if loss is not None]
         with device_scope(self._merge_on):
             outputs = _ops.map_structure(
-                lambda *parts: _ops.concatenate(parts), *[outputs for outputs, _ in results]
+                lambda *parts: _ops.concatenate([move(p, self._merge_on) for p in parts]),
+                *[outputs for outputs, _ in results],
             )
         return outputs, (_ops.add_n(losses) if losses else None)
 
@@ -498,7 +510,12 @@ class ParallelReplicas(keras.layers.Wrapper):
 
     def call(self, inputs, training=None):
         if backend_name() == "jax" and self.num_replicas > 1:
-            return self._sharded_call(inputs, training)
+            if not self._per_device_here(inputs):
+                return self._sharded_call(inputs, training)
+            outputs, loss = self._per_device_call(inputs, training)
+            if loss is not None:
+                self.add_loss(loss)
+            return outputs
         if self.num_replicas == 1:
             # One device: nothing to cut or merge. The outputs stay where they are
             # made (moving them to the merge device would cost a copy every step,
@@ -514,6 +531,52 @@ class ParallelReplicas(keras.layers.Wrapper):
         if loss is not None:
             self.add_loss(loss)
         return outputs
+
+    def _per_device_here(self, inputs) -> bool:
+        """JAX: whether this call runs one program per device (else one SPMD program).
+
+        Per device where placement holds: outside a jitted step (DataParallel
+        compiles an unequal split with `jit_compile=False` on JAX), without a
+        `keras.distribution`, on a batch of known rows.
+        """
+        from keras_parallel._backend.jax.replicas import batch_layout, is_traced
+
+        batch = _ops.batch_size(_ops.flatten(inputs)[0])
+        return isinstance(batch, int) and not is_traced(inputs) and batch_layout() is None
+
+    def _per_device_call(self, inputs, training):
+        """JAX, outside a jitted step: each device's slice as programs on that device.
+
+        Each device computes and holds only its own rows (no padding); empty
+        slices are left out. With reachable BatchNormalization layers in
+        training the template runs layer by layer (one program per layer and
+        device), the moments summed across the devices; else the template is
+        one program per device. Returns (outputs on the merge device, summed
+        losses).
+        """
+        from keras_parallel._backend.jax.replicas import SliceCalls
+
+        batch = _ops.batch_size(_ops.flatten(inputs)[0])
+        sizes = self.slice_sizes(batch)
+        starts = [sum(sizes[:k]) for k in range(len(sizes))]
+        live = [k for k, size in enumerate(sizes) if size > 0] or [0]
+        pieces = [
+            _ops.map_structure(lambda x, k=k: x[starts[k] : starts[k] + sizes[k]], inputs)
+            for k in live
+        ]
+        devices = [self.placement[k] for k in live]
+        calls = SliceCalls(self._device_programs.by_layer)
+        if self._walks(training):
+            results = self._walk(pieces, devices, training, batch, calls=calls)
+        else:
+            kwargs = {} if training is None else {"training": training}
+            results = []
+            for index, (piece, device) in enumerate(zip(pieces, devices, strict=True)):
+                outputs, loss = calls.call(self.layer, (piece,), kwargs, device, index)
+                rows = _ops.batch_size(_ops.flatten(piece)[0])
+                results.append((outputs, _ops.scale_by_ratio(loss, rows, batch)))
+        calls.finish()
+        return self._merge(results)
 
     def _sharded_call(self, inputs, training):
         """JAX: one call of the template, each device's slice sharded onto it.

@@ -203,6 +203,10 @@ class TrainFunctionSwitch:
         self.num_replicas = num_replicas
         #: `BatchNormPool` of the layers whose statistics move once per batch (or None).
         self.batch_norm_pool = batch_norm_pool or None
+        #: For a DataParallel model, ``(template, first device, rows)``: rows(m) is the
+        #: first device's rows of a micro step of m rows per device (set by the caller).
+        #: JAX's per-device path plans memory from the template on those rows.
+        self.slices = None
         self.original = None  # the model's own train function, while installed
         self._history = None  # model.history of the fit that installed this function
         self._armed = False

@@ -17,6 +17,7 @@ __all__ = [
     "computed_rows",
     "device_scope",
     "list_devices",
+    "move_to",
     "split_cpu",
 ]
 
@@ -82,6 +83,13 @@ def device_scope(name: str):
     return keras.device(name)
 
 
-def computed_rows(sizes: list[int]) -> list[int]:
-    """The rows each device computes for DataParallel slices of `sizes` rows: its own."""
+def computed_rows(sizes: list[int], ratios=None) -> list[int]:
+    """The rows each device computes for DataParallel slices of `sizes` rows (cut by
+    `ratios`): its own."""
     return list(sizes)
+
+
+def move_to(value, device):
+    """`value` as it is: on this backend an operation reads its inputs from any device
+    (only JAX's per-device path moves values explicitly)."""
+    return value

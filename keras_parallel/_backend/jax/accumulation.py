@@ -50,7 +50,7 @@ import numpy as np
 
 from keras_parallel._backend.common import accumulation as _common
 from keras_parallel._backend.common.accumulation import TrainFunctionSwitch, loss_tracker
-from keras_parallel._backend.jax.probes import compiled_bytes
+from keras_parallel._backend.jax.probes import compiled_bytes, peak_probe
 from keras_parallel._backend.jax.replicas import batch_layout
 from keras_parallel._compat import keras
 
@@ -389,6 +389,8 @@ class AccumulatingTrainFunction(TrainFunctionSwitch):
         The compiled step's memory analysis (arguments, outputs and temporaries,
         less what aliases): nothing runs, so nothing can run out of memory.
         """
+        if self.slices is not None and not self._jit and batch_layout() is None:
+            return self._slice_probe()
         trainable, non_trainable, optimizer, metrics = self._state
         layout = batch_layout()
         sharding = None
@@ -410,6 +412,26 @@ class AccumulatingTrainFunction(TrainFunctionSwitch):
                 np.float32(1.0),
             ).compile()
             total = compiled_bytes(compiled)
+            if total is None:
+                raise RuntimeError(NO_PROBE_REASON)
+            return total
+
+        return probe
+
+
+    def _slice_probe(self):
+        """size -> bytes XLA plans for the first device's own program (per-device path).
+
+        A DataParallel model whose step is not jitted runs each device's rows as
+        programs on that device (no padding): the probe compiles the template's
+        forward/backward for the first device's rows on that device, as
+        `keras_parallel.plan` does, and runs nothing.
+        """
+        template, device, rows = self.slices
+        peak = peak_probe(template, device)
+
+        def probe(micro_batch_size: int) -> int:
+            total = peak(rows(micro_batch_size))
             if total is None:
                 raise RuntimeError(NO_PROBE_REASON)
             return total

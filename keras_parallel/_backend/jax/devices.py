@@ -12,6 +12,7 @@ __all__ = [
     "computed_rows",
     "device_scope",
     "list_devices",
+    "move_to",
     "set_cpu_device_count",
     "split_cpu",
 ]
@@ -34,17 +35,29 @@ def device_scope(name: str):
     return keras.device(backend_device_name(name))
 
 
+def move_to(value, device):
+    """`value`'s arrays on `device` (canonical; None: unchanged): DataParallel's
+    per-device path moves values between devices explicitly (JAX runs an
+    operation where its committed inputs are, and refuses inputs on several)."""
+    from keras_parallel._backend.jax.replicas import move_to as _move_to
+
+    return _move_to(value, device)
+
+
 def split_cpu(num_devices: int) -> list[str]:
     """Refuses: splitting the CPU into logical devices needs TensorFlow."""
     return _common.split_cpu(num_devices, backend="jax", hint=_HINT)
 
 
-def computed_rows(sizes: list[int]) -> list[int]:
-    """The rows each device computes for DataParallel slices of `sizes` rows.
+def computed_rows(sizes: list[int], ratios=None) -> list[int]:
+    """The rows each device computes for DataParallel slices of `sizes` rows, cut by `ratios`.
 
-    On JAX every device computes as many rows as the largest slice: the slices
-    are padded to it, one block per device (`_backend/jax/replicas.py`).
+    Unequal ratios run one program per device on its own rows: its own. Equal
+    ratios (or None) run one SPMD program over a mesh, every slice padded to the
+    largest (a batch that does not divide evenly pads the shorter slices by one row).
     """
+    if ratios is not None and len(set(ratios)) > 1:
+        return list(sizes)
     return [max(sizes, default=0)] * len(sizes)
 
 

@@ -42,9 +42,9 @@ def _step(model):
 
 
 def _arguments(model, rows: int, unknown_dim: int, place, make):
-    """The step's arguments: ``place(value)`` per variable, ``make(shape, dtype)`` per input."""
-    trainable = [place(v.value) for v in model.trainable_variables]
-    non_trainable = [place(v.value) for v in model.non_trainable_variables]
+    """The step's arguments: ``place(variable)`` per variable, ``make(shape, dtype)`` per input."""
+    trainable = [place(v) for v in model.trainable_variables]
+    non_trainable = [place(v) for v in model.non_trainable_variables]
     inputs = example_batch(model, rows, unknown_dim, make, keras.tree.map_structure)
     return trainable, non_trainable, inputs
 
@@ -59,12 +59,12 @@ def measure_throughput(
     """
     target = jax_device(device)
 
-    def place(value):
-        return jax.device_put(value, target)
-
     def make(shape, dtype):
         dtype = keras.backend.standardize_dtype(dtype)
-        return place(jnp.asarray(host_array(shape, dtype), dtype=dtype))
+        return jax.device_put(jnp.asarray(host_array(shape, dtype), dtype=dtype), target)
+
+    def place(variable):
+        return jax.device_put(variable.value, target)
 
     arguments = _arguments(model, batch_size, unknown_dim, place, make)
     step = _step(model)
@@ -79,8 +79,11 @@ def compiled_peak_bytes(model, device: str, rows: int, unknown_dim: int = 8) -> 
     """
     sharding = jax.sharding.SingleDeviceSharding(jax_device(device))
 
-    def place(value):
-        return jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding)
+    def place(variable):
+        # Shapes only: during Keras's `fit` on JAX the variables hold no values (the
+        # training state does).
+        dtype = keras.backend.standardize_dtype(variable.dtype)
+        return jax.ShapeDtypeStruct(tuple(variable.shape), dtype, sharding=sharding)
 
     def make(shape, dtype):
         dtype = keras.backend.standardize_dtype(dtype)

@@ -35,7 +35,17 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from keras_parallel._compat import keras
 
-__all__ = ["batch_layout", "check_distributed_replicas", "jax_device", "sharded_call"]
+__all__ = [
+    "SliceCalls",
+    "batch_layout",
+    "check_distributed_replicas",
+    "is_traced",
+    "jax_device",
+    "move_to",
+    "needs_per_device",
+    "platforms_differ",
+    "sharded_call",
+]
 
 _AXIS = "replicas"
 
@@ -198,3 +208,171 @@ def _distributed_call(call, inputs, sizes_for, devices, map_structure, layout, r
         return jnp.take(jax.lax.with_sharding_constraint(y, sharding), back, axis=0)
 
     return map_structure(gather, outputs)
+
+
+# --------------------------------------------------------------------------------------
+# Per-device programs: each device computes and holds only its own rows.
+#
+# Outside a jitted step (DataParallel compiles an unequal split with
+# `jit_compile=False` on JAX), a call of a layer on one slice runs as a jitted
+# program of its own on that slice's device: the layer's variable values and the
+# slice are put on the device (`jax.device_put`, which carries the gradient back to
+# where the values came from), and the program runs there, dispatched
+# asynchronously, so the devices work at the same time. `jax.value_and_grad` of
+# the step differentiates through the programs: each device's backward pass is a
+# program on that device too.
+
+
+def is_traced(structure) -> bool:
+    """True when `structure` holds values traced by `jax.jit` (or another JAX transform)."""
+    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(structure))
+
+
+def platforms_differ(devices) -> bool:
+    """True when `devices` (canonical names) are not all of one kind (no mesh holds them)."""
+    return len({d.split(":")[1] for d in devices}) > 1
+
+
+def needs_per_device(devices, ratios) -> bool:
+    """True when the padded SPMD path would make a device compute rows it does not own
+    (unequal ratios), or cannot run at all (devices of different kinds)."""
+    return len(devices) > 1 and (len(set(ratios)) > 1 or platforms_differ(devices))
+
+
+def move_to(structure, device):
+    """`structure`'s arrays on `device` (a canonical name; None: as they are).
+
+    For the per-device path only (outside a jitted step, where placement holds);
+    `jax.device_put` carries gradients back to where the values were.
+    """
+    if device is None:
+        return structure
+    target = jax_device(device)
+
+    def move(x):
+        if isinstance(x, jax.Array | np.ndarray | jax.core.Tracer):
+            return jax.device_put(x, target)
+        return x
+
+    return jax.tree_util.tree_map(move, structure)
+
+
+def is_seed_state(variable) -> bool:
+    """A `keras.random.SeedGenerator`'s state (Keras names it "seed_generator_state")."""
+    return (
+        getattr(variable, "name", "") == "seed_generator_state"
+        and tuple(variable.shape) == (2,)
+        and "int" in str(variable.dtype)
+    )
+
+
+class _Program:
+    """One layer's call with fixed non-array arguments, jitted: runs where its inputs are."""
+
+    def __init__(self, layer, statics):
+        self.variables = list(layer.variables)
+        self.assigned: list[int] = []
+
+        def run(values, args, array_kwargs):
+            kwargs = {**dict(statics), **array_kwargs}
+            mapping = list(zip(self.variables, values, strict=True))
+            with keras.StatelessScope(state_mapping=mapping, collect_losses=True) as scope:
+                given = [scope.get_current_value(v) for v in self.variables]
+                outputs = layer(*args, **kwargs)
+                losses = list(scope.losses)
+            assigned, new = [], []
+            for i, variable in enumerate(self.variables):
+                value = scope.get_current_value(variable)
+                if value is not given[i]:
+                    assigned.append(i)
+                    new.append(value)
+            self.assigned = assigned
+            loss = sum((jnp.asarray(x, jnp.float32) for x in losses), jnp.zeros((), jnp.float32))
+            return outputs, new, loss
+
+        self.run = run
+        self.jitted = jax.jit(run)
+
+
+def _split_kwargs(kwargs):
+    """(hashable non-array kwargs, array kwargs), or None when one is neither."""
+    statics, arrays = [], {}
+    for key, value in sorted(kwargs.items()):
+        leaves = jax.tree_util.tree_leaves(value)
+        if leaves and all(isinstance(x, jax.Array | np.ndarray | jax.core.Tracer) for x in leaves):
+            arrays[key] = value
+            continue
+        try:
+            hash(value)
+        except TypeError:
+            return None
+        statics.append((key, value))
+    return tuple(statics), arrays
+
+
+class SliceCalls:
+    """The calls of one DataParallel step's layers on each device's slice.
+
+    `call(layer, args, kwargs, device, index)` runs ``layer(*args, **kwargs)`` on
+    slice `index` as a program on `device`. What the calls assign (see `finish`):
+
+    - a random seed's state: slice `index` draws from its own stream (its seed's
+      first word moved by `index`), so slices never share dropout masks, and the
+      state then moves as one call of the whole batch moves it (slice 0's);
+    - any other variable a call assigns (a layer's own running statistic) is
+      chained: each slice's call starts from the value the previous slice's call
+      left, as calling the layer on the slices in turn would (those devices then
+      wait for each other).
+    """
+
+    def __init__(self, cache):
+        self._cache = cache
+        self._chained: dict[int, object] = {}
+        self._final: dict[int, tuple] = {}
+
+    def _program(self, layer, statics):
+        programs = self._cache.setdefault(id(layer), {})
+        if statics not in programs:
+            programs[statics] = _Program(layer, statics)
+        return programs[statics]
+
+    def call(self, layer, args, kwargs, device, index):
+        """``(outputs, summed losses)`` of `layer` on slice `index`, computed on `device`."""
+        split = _split_kwargs(kwargs)
+        statics, arrays = split if split is not None else ((), dict(kwargs))
+        program = self._program(layer, statics)
+        values = []
+        for variable in program.variables:
+            value = self._chained.get(id(variable))
+            if value is None:
+                value = variable.value
+            if index and is_seed_state(variable):
+                value = value + jnp.asarray([index, 0], dtype=value.dtype)
+            values.append(value)
+        values, args, arrays = move_to((values, args, arrays), device)
+        if split is None:  # a non-array argument that cannot key a program: run op by op
+            with keras.device(_jax_name(device)):
+                outputs, new, loss = program.run(values, args, arrays)
+        else:
+            outputs, new, loss = program.jitted(values, args, arrays)
+        for i, value in zip(program.assigned, new, strict=True):
+            variable = program.variables[i]
+            if is_seed_state(variable):
+                if index == 0:
+                    self._final[id(variable)] = (variable, value)
+            else:
+                self._chained[id(variable)] = value
+                self._final[id(variable)] = (variable, value)
+        return outputs, loss
+
+    def finish(self) -> None:
+        """Assigns what the calls left (see the class doc)."""
+        for variable, value in self._final.values():
+            variable.assign(value)
+        self._final.clear()
+        self._chained.clear()
+
+
+def _jax_name(device: str) -> str:
+    _, kind, index = device.split(":")
+    return f"{kind.lower()}:{index}"

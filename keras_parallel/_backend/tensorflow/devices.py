@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from keras_parallel._backend.common.devices import EAGER_STEPS, computed_rows
+from keras_parallel._backend.common.devices import EAGER_STEPS, computed_rows, move_to
 
 __all__ = [
     "EAGER_STEPS",
     "computed_rows",
     "device_scope",
     "list_devices",
+    "move_to",
     "list_logical_devices",
     "split_cpu",
 ]

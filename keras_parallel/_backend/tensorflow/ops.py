@@ -97,8 +97,10 @@ def where_positive(total, new, old):
     return tf.where(total > 0, new, old)
 
 
-def batch_normalization(x, mean, variance, keep_shape, channels, layer):
-    """`x` normalised as `layer` does in training, with the given moments (per channel)."""
+def batch_normalization(x, mean, variance, keep_shape, channels, layer, device=None):
+    """`x` normalised as `layer` does in training, with the given moments (per channel).
+
+    `device` is unused: TensorFlow reads the layer's variables from any device."""
     rank = len(x.shape)
     gamma = keep_shape(tf.cast(layer.gamma, x.dtype), rank, channels) if layer.scale else None
     beta = keep_shape(tf.cast(layer.beta, x.dtype), rank, channels) if layer.center else None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from keras_parallel._backend.common import devices as _common
-from keras_parallel._backend.common.devices import computed_rows
+from keras_parallel._backend.common.devices import computed_rows, move_to
 from keras_parallel._compat import keras
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "computed_rows",
     "device_scope",
     "list_devices",
+    "move_to",
     "split_cpu",
 ]
 
