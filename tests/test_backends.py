@@ -229,6 +229,30 @@ def test_jax_unequal_split_runs_each_device_on_its_own_rows(monkeypatch):
     assert [len(placed) for *_, placed in calls[:3]] == [1, 1, 1]
     assert len({next(iter(placed)) for *_, placed in calls[:3]}) == 3  # three devices
     assert_weights_close(template.get_weights(), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        parallel.evaluate(x, y, batch_size=7, verbose=0),
+        template.evaluate(x, y, batch_size=7, verbose=0),
+        rtol=1e-5,
+    )
+
+
+@pytest.mark.skipif(backend_name() != "jax", reason="JAX's per-device programs")
+def test_jax_unequal_split_is_saved_and_loaded_with_its_programs(tmp_path, monkeypatch):
+    template = mlp()
+    parallel = _parallel(template, 2, [2, 1])
+    parallel.compile(keras.optimizers.SGD(0.05), "mse")
+    x, y = data((6,), 6)
+    parallel.fit(x, y, batch_size=6, epochs=1, verbose=0)
+    path = str(tmp_path / "parallel.keras")
+    parallel.save(path)
+    loaded = keras.models.load_model(path)
+    assert loaded.jit_compile is False
+    calls = _record_slice_calls(monkeypatch)
+    np.testing.assert_allclose(
+        loaded.predict(x, verbose=0), _numpy(template(x)), rtol=1e-5, atol=1e-6
+    )
+    assert [rows for *_, rows, _ in calls[:2]] == [4, 2]  # 6 rows cut 2:1
+    loaded.fit(x, y, batch_size=6, epochs=1, verbose=0)  # trains on, per device
 
 
 @pytest.mark.skipif(backend_name() != "jax", reason="JAX's per-device programs")

@@ -100,9 +100,11 @@ class ParallelReplicas(keras.layers.Wrapper):
     Placement happens inside `call()`, so it holds every time Keras re-runs
     the layer (predict, a traced `fit` step, a reloaded model). On the
     TensorFlow backend the layer does not support XLA (`supports_jit` is
-    False): XLA would put every slice on one device. On JAX the slices are
-    sharded over a mesh of the devices instead (the documentation's "Backends"
-    page).
+    False): XLA would put every slice on one device. On JAX an unequal split
+    runs each slice as programs on its device, outside a jitted step (a
+    `DataParallel` model compiles it so); inside a jitted step the slices are
+    padded to one shape and sharded over a mesh of the devices (the
+    documentation's "Backends" page).
 
     Empty slices (a batch with fewer rows than devices) are fine: the wrapped
     model is never called on one; its place in the output is a 0-row tensor

@@ -1,4 +1,9 @@
-"""DataParallel's replicas on JAX: one call of the template, sharded over a device mesh.
+"""DataParallel's replicas on JAX: programs per device, or one call sharded over a mesh.
+
+Outside a jitted step (an unequal split: `DataParallel` compiles it with
+`jit_compile=False`), each slice runs as programs of its own on its device:
+`SliceCalls`, at the end of this module. Inside a jitted step (an even split,
+or `jit_compile=True`), the following.
 
 Inside a jitted step JAX ignores device scopes, so the slices cannot be placed
 one by one. Instead each device's slice is laid out in a block of its own, all
