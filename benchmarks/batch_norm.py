@@ -96,9 +96,7 @@ def cost(repeats: int, batches) -> dict:
     for mode in ("global", "per_slice"):
         template = bn_cnn(harness.CLIP, harness.CLASSES)
         template.set_weights(weights)
-        parallel = keras_parallel.DataParallel(
-            template, devices=harness.DEVICES, batch_norm=mode
-        )
+        parallel = keras_parallel.DataParallel(template, devices=harness.DEVICES, batch_norm=mode)
         models[mode] = _compile(parallel)
     result = {}
     for batch in batches:

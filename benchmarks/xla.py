@@ -159,9 +159,11 @@ def main(argv=None):
         for name, model in configs.items():
             rates[name].append(args.steps * BATCH / _fit_seconds(model, data, args.steps))
     medians = {name: statistics.median(r) for name, r in rates.items()}
-    print(f"Keras {keras.__version__}, TensorFlow {tf.__version__}; 2 logical CPUs, oneDNN "
-          f"off, intra-op 1, inter-op 2; batch {BATCH}; medians of {args.repeats} x "
-          f"{args.steps} steps")
+    print(
+        f"Keras {keras.__version__}, TensorFlow {tf.__version__}; 2 logical CPUs, oneDNN "
+        f"off, intra-op 1, inter-op 2; batch {BATCH}; medians of {args.repeats} x "
+        f"{args.steps} steps"
+    )
     print(f'"auto" with a GPU in view resolved to jit_compile={resolved}')
     print("| configuration | samples/s | / DP, jit=False |")
     print("|---|---|---|")

@@ -24,7 +24,7 @@ _warned_single_device = False
 
 
 def _keras_package_of(obj) -> str | None:
-    """"keras" or "tf_keras" when `obj` is a model of that package, else None."""
+    """ "keras" or "tf_keras" when `obj` is a model of that package, else None."""
     for cls in type(obj).__mro__:
         root = (cls.__module__ or "").split(".")[0]
         if root in ("keras", "tf_keras") and cls.__name__ in ("Model", "Layer"):

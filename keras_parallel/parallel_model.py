@@ -107,11 +107,11 @@ class ParallelModel(keras.Model):
     def _jax_jit_compile(self, jit):
         """JAX: no jitted step where slices differ (each device runs its own rows).
 
-        Without a `keras.distribution`, an unequal split (or devices of different kinds) runs one program per
-        device, dispatched from an unjitted step: `jit_compile="auto"` resolves to
-        False. An explicit `jit_compile=True` keeps one SPMD program over a mesh,
-        every slice padded to the largest (devices of different kinds cannot form
-        one: turned off, with a warning).
+        Without a `keras.distribution`, an unequal split (or devices of different
+        kinds) runs one program per device, dispatched from an unjitted step:
+        `jit_compile="auto"` resolves to False. An explicit `jit_compile=True`
+        keeps one SPMD program over a mesh, every slice padded to the largest
+        (devices of different kinds cannot form one: turned off, with a warning).
         """
         from keras_parallel._backend.jax.replicas import (
             batch_layout,
@@ -164,8 +164,9 @@ class ParallelModel(keras.Model):
         try:
             # Keras warns about the parts it skips before it fails on a file in the
             # parallel layout: held back here, and shown only if the load succeeds.
-            with warnings.catch_warnings(record=True) as held, _optimizer_lent(
-                core.layer, getattr(self, "optimizer", None)
+            with (
+                warnings.catch_warnings(record=True) as held,
+                _optimizer_lent(core.layer, getattr(self, "optimizer", None)),
             ):
                 warnings.simplefilter("always")
                 status = core.layer.load_weights(filepath, *args, **kwargs)

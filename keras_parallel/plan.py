@@ -435,9 +435,7 @@ def auto_micro_batch_size(
     ]
     m = max(1, math.ceil(batch_size / n))
     while m > 1:
-        rows = _backend.devices.computed_rows(
-            slice_sizes(min(batch_size, n * m), ratios), ratios
-        )
+        rows = _backend.devices.computed_rows(slice_sizes(min(batch_size, n * m), ratios), ratios)
         if all(r <= c for r, c in zip(rows, capacity, strict=True)):
             break
         m -= 1

@@ -58,9 +58,7 @@ def op_device_indices(concrete_function, op_type: str) -> set[int]:
     graph_def = concrete_function.graph.as_graph_def()
     nodes = list(graph_def.node) + [n for f in graph_def.library.function for n in f.node_def]
     return {
-        tf.DeviceSpec.from_string(node.device).device_index
-        for node in nodes
-        if node.op == op_type
+        tf.DeviceSpec.from_string(node.device).device_index for node in nodes if node.op == op_type
     }
 
 

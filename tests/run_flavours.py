@@ -120,8 +120,9 @@ def main(argv: list[str]) -> int:
         )
         for key in total:
             total[key] += counts[key]
-    print(f"flavours: {total['passed']} passed, {total['failed']} failed, "
-          f"{total['skipped']} skipped")
+    print(
+        f"flavours: {total['passed']} passed, {total['failed']} failed, {total['skipped']} skipped"
+    )
     return 1 if total["failed"] or total["passed"] == 0 else 0
 
 

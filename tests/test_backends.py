@@ -197,7 +197,8 @@ def _record_slice_calls(monkeypatch):
     def call(self, layer, args, kwargs, device, index):
         outputs, loss = original(self, layer, args, kwargs, device, index)
         rows = int(jax.tree_util.tree_leaves(args)[0].shape[0])
-        placed = {str(d) for leaf in jax.tree_util.tree_leaves(outputs) for d in _concrete(leaf).devices()}
+        leaves = jax.tree_util.tree_leaves(outputs)
+        placed = {str(d) for leaf in leaves for d in _concrete(leaf).devices()}
         calls.append((layer.name, device, rows, placed))
         return outputs, loss
 
@@ -287,9 +288,8 @@ def test_jax_slices_draw_their_own_dropout_masks_and_the_seed_moves_once():
 
 @pytest.mark.skipif(backend_name() != "jax", reason="JAX's per-device programs")
 def test_jax_auto_plans_each_device_by_its_own_rows_as_plan_does():
-    from keras_parallel.callbacks import GradientAccumulation
-
     from keras_parallel import _backend
+    from keras_parallel.callbacks import GradientAccumulation
 
     template = mlp()
     parallel = _parallel(template, 2, [2, 1])

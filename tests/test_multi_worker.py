@@ -108,9 +108,7 @@ def tf_keras_runs(tmp_path_factory):
     if IS_KERAS_3:
         pytest.skip("Keras 3 refuses fit on several workers (see the Keras 3 tests)")
     # "oom_fixed" fails on every worker: it comes last (a failed case ends the run).
-    return run_workers(
-        [*TRAINING_CASES, "dp_bn", "oom_fixed"], tmp_path_factory.mktemp("workers")
-    )
+    return run_workers([*TRAINING_CASES, "dp_bn", "oom_fixed"], tmp_path_factory.mktemp("workers"))
 
 
 @pytest.mark.parametrize("case", TRAINING_CASES)

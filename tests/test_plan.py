@@ -89,9 +89,9 @@ def test_auto_never_exceeds_a_device_budget(batch, intercept_mib, per_row_mib, l
             assert peak >= (intercept_mib + per_row_mib * rows) * MIB * (1 - 1e-6)
         if result.micro_batch_size > 1:
             assert peak <= 0.8 * limit * (1 + 1e-9)
-    assert result.fits is (all(
-        p <= 0.8 * lim for p, lim in zip(result.peak_bytes, result.limit_bytes, strict=True)
-    ))
+    assert result.fits is (
+        all(p <= 0.8 * lim for p, lim in zip(result.peak_bytes, result.limit_bytes, strict=True))
+    )
 
 
 def test_unequal_devices_get_unequal_micro_rows():

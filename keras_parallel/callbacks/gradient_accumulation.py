@@ -237,11 +237,7 @@ class GradientAccumulation(keras.callbacks.Callback):
         pool = _batch_norm_pool(model)
         key = (model, original, replicas_n, tuple(id(layer) for layer in pool.layers))
         cached_key, train_function = self._cache or ((None, None, None, None), None)
-        if (
-            cached_key[0] is not model
-            or cached_key[1] is not original
-            or cached_key[2:] != key[2:]
-        ):
+        if cached_key[0] is not model or cached_key[1] is not original or cached_key[2:] != key[2:]:
             train_function = accumulation.AccumulatingTrainFunction(
                 model, self._run_batch, replicas_n, pool
             )

@@ -219,8 +219,10 @@ class BatchSlice(keras.layers.Layer):
 
         if isinstance(input_shape, dict):
             return {k: one(v) for k, v in input_shape.items()}
-        if isinstance(input_shape, list | tuple) and input_shape and not (
-            input_shape[0] is None or isinstance(input_shape[0], int)
+        if (
+            isinstance(input_shape, list | tuple)
+            and input_shape
+            and not (input_shape[0] is None or isinstance(input_shape[0], int))
         ):
             return type(input_shape)(one(s) for s in input_shape)
         return one(input_shape)

@@ -499,9 +499,7 @@ class ParallelReplicas(keras.layers.Wrapper):
         results = []
         first = None
         batch = _ops.batch_size(_ops.flatten(inputs)[0])
-        for index, (slicer, device) in enumerate(
-            zip(self._slicers, self.placement, strict=True)
-        ):
+        for index, (slicer, device) in enumerate(zip(self._slicers, self.placement, strict=True)):
             with device_scope(device):
                 piece = slicer(inputs)
                 result = self._replica_output(index, piece, training, batch, first)

@@ -418,7 +418,6 @@ class AccumulatingTrainFunction(TrainFunctionSwitch):
 
         return probe
 
-
     def _slice_probe(self):
         """size -> bytes XLA plans for the first device's own program (per-device path).
 
