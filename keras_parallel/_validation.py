@@ -44,6 +44,11 @@ def _invalid(name: str, expected: str, value) -> ValueError:
     )
 
 
+def _is_bool(value) -> bool:
+    """Python's and numpy's bools (`np.bool_` is no `bool`)."""
+    return isinstance(value, bool) or type(value).__name__ in ("bool_", "bool")
+
+
 def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
@@ -131,32 +136,42 @@ def validate_micro_batch_size(value, *, allow_none: bool = False, name: str = "m
 def validate_ratios(ratios, argument: str = "ratios") -> list[float]:
     """Checks a sequence of slice ratios; returns them as floats.
 
+    Any real number is a ratio: Python's, numpy's scalars (`np.int64(2)`,
+    `np.float32(0.5)`), and a 1-D array (numpy's, or any with `tolist()`) is a
+    sequence of them. A bool is not a number here.
+
     Raises:
         ValueError: for anything but a non-empty sequence of positive, finite
-            numbers. The message names `argument`.
+            numbers. The message names `argument` and the entry at fault.
     """
-    if isinstance(ratios, str | bytes) or not isinstance(ratios, Sequence):
-        raise ValueError(
-            f"Invalid value for argument `{argument}`. Expected a non-empty sequence of "
-            f"positive, finite numbers. Received: {argument}={ratios!r}"
-        )
-    values = []
-    for value in ratios:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            ok = False
-        else:
-            ok = math.isfinite(value) and value > 0
-        if not ok:
+    expected = (
+        f"Invalid value for argument `{argument}`. Expected a non-empty sequence of "
+        "positive, finite numbers (one per device)"
+    )
+    shape = getattr(ratios, "shape", None)
+    if shape is not None and hasattr(ratios, "tolist") and not isinstance(ratios, Sequence):
+        if len(shape) != 1:
             raise ValueError(
-                f"Invalid value for argument `{argument}`. Expected a non-empty sequence of "
-                f"positive, finite numbers. Received: {argument}={list(ratios)!r}"
+                f"{expected}. Received: {argument} of shape {tuple(shape)} (a 1-D array "
+                "is a sequence of ratios)"
             )
-        values.append(float(value))
-    if not values:
+        ratios = ratios.tolist()
+    if isinstance(ratios, str | bytes) or not isinstance(ratios, Sequence):
+        raise ValueError(f"{expected}. Received: {argument}={ratios!r}")
+    values = []
+    for index, value in enumerate(ratios):
+        if _is_bool(value) or not isinstance(value, numbers.Real):
+            why = f"{value!r} is not a number"
+        elif not math.isfinite(float(value)) or value <= 0:
+            why = f"{value!r} is not positive and finite"
+        else:
+            values.append(float(value))
+            continue
         raise ValueError(
-            f"Invalid value for argument `{argument}`. Expected a non-empty sequence of "
-            f"positive, finite numbers. Received: {argument}=[]"
+            f"{expected}. Received: {argument}={list(ratios)!r}: entry {index}, {why}"
         )
+    if not values:
+        raise ValueError(f"{expected}. Received: {argument}=[]")
     return values
 
 

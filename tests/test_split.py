@@ -52,6 +52,14 @@ def test_memory_split_12_and_6_gb_gives_2_to_1(caplog):
     assert "ratios [2.0, 1.0]" in caplog.text
 
 
+def test_ratios_computed_with_numpy_split_the_batch(tmp_path):
+    parallel = DataParallel(small_model(), devices=CPU2, split=np.array([12, 6]))
+    core = keras_parallel.replicas(parallel)
+    assert core.ratios == [12.0, 6.0] and core.slice_sizes(32) == [22, 10]
+    assert core.split == [12.0, 6.0]  # saved as plain floats
+    assert_save_load_same_outputs(parallel, np.ones((3, 5), "float32"), tmp_path)
+
+
 def test_speed_split_3x_faster_gives_3_to_1():
     probe = FakeProbe(speed={"/device:CPU:0": 30.0, "/device:CPU:1": 90.0})
     parallel = DataParallel(small_model(), devices=CPU2, split="speed", probe=probe)

@@ -111,6 +111,30 @@ def test_micro_batch_size_values():
         v.validate_micro_batch_size("big", allow_none=True)
 
 
+@pytest.mark.parametrize(
+    "ratios",
+    [np.array([12, 6]), [np.int64(2), np.int64(1)], [np.float32(0.5), np.float32(0.25)]],
+    ids=["array", "int64", "float32"],
+)
+def test_ratios_computed_with_numpy_are_numbers(ratios):
+    values = v.validate_ratios(ratios, argument="split")
+    assert values == [2 * values[1], values[1]] and all(type(x) is float for x in values)
+
+
+@pytest.mark.parametrize(
+    "ratios, fault",
+    [
+        ([2, 0], "entry 1, 0 is not positive and finite"),
+        ([np.True_, 1], "entry 0, np.True_ is not a number"),
+        (np.ones((2, 2)), "of shape (2, 2)"),
+    ],
+)
+def test_ratios_name_the_entry_at_fault(ratios, fault):
+    with pytest.raises(ValueError, match="argument `split`") as error:
+        v.validate_ratios(ratios, argument="split")
+    assert fault in str(error.value)
+
+
 @given(ratios=st.lists(st.floats(min_value=1e-6, max_value=1e6), min_size=1, max_size=8))
 def test_ratios_accept_positive_finite_numbers(ratios):
     assert v.validate_ratios(ratios) == ratios
