@@ -167,9 +167,7 @@ def validate_ratios(ratios, argument: str = "ratios") -> list[float]:
         else:
             values.append(float(value))
             continue
-        raise ValueError(
-            f"{expected}. Received: {argument}={list(ratios)!r}: entry {index}, {why}"
-        )
+        raise ValueError(f"{expected}. Received: {argument}={list(ratios)!r}: entry {index}, {why}")
     if not values:
         raise ValueError(f"{expected}. Received: {argument}=[]")
     return values

@@ -15,6 +15,18 @@ from keras_parallel.multi_worker import check_fit_supported
 __all__ = ["ParallelModel"]
 
 
+#: The key of the loading hint in a saved `ParallelModel`'s config.
+LOAD_HINT_KEY = "keras_parallel"
+
+#: What a user who loads a saved DataParallel model without keras_parallel reads in
+#: Keras's "Could not locate class 'ParallelModel'" (or, on tf-keras, "cannot be
+#: imported") message, whose config begins with it.
+LOAD_HINT = (
+    "saved by keras_parallel: run `import keras_parallel` before loading it, or pass "
+    "custom_objects=keras_parallel.custom_objects() to load_model"
+)
+
+
 @register
 class ParallelModel(keras.Model):
     """The functional model returned by `keras_parallel.DataParallel`.
@@ -138,6 +150,16 @@ class ParallelModel(keras.Model):
         # any data is read.
         check_fit_supported(self)
         return super().fit(*args, **kwargs)
+
+    def get_config(self):
+        # The hint comes first: Keras prints a model's config when it cannot find
+        # its class (keras_parallel not imported), and the hint then leads it.
+        return {LOAD_HINT_KEY: LOAD_HINT, **super().get_config()}
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = {k: v for k, v in config.items() if k != LOAD_HINT_KEY}
+        return super().from_config(config, custom_objects=custom_objects)
 
     def compile_from_config(self, config):
         # Keras skips compiling a loaded model whose `compile` is overridden unless

@@ -112,6 +112,41 @@ def test_save_load_and_unwrap(tmp_path):
     assert_weights_close(fresh.get_weights(), template.get_weights(), rtol=0, atol=0)
 
 
+def test_loading_without_the_import_says_to_import_it(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    template = mlp()
+    parallel = DataParallel(template, devices=_cpus()[:1])
+    path = str(tmp_path / "parallel.keras")
+    parallel.save(path)
+    script = (
+        "import os\n"
+        "if os.environ.get('TF_USE_LEGACY_KERAS'):\n"
+        "    import tf_keras as keras\n"
+        "else:\n"
+        "    import keras\n"
+        "try:\n"
+        f"    keras.models.load_model({path!r})\n"
+        "except Exception as error:\n"
+        "    print(str(error)[:2000])\n"
+        "import sys\n"
+        "print('keras_parallel' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=dict(os.environ)
+    )
+    message = result.stdout
+    assert "ParallelModel" in message
+    assert "run `import keras_parallel` before loading it" in message
+    assert "custom_objects=keras_parallel.custom_objects()" in message
+    assert message.strip().endswith("False")  # the message came without keras_parallel
+    loaded = keras.models.load_model(path)  # with the import it loads (the hint is ignored)
+    assert type(loaded).__name__ == "ParallelModel"
+    assert list(loaded.get_config())[0] == "keras_parallel"  # and is saved again, first
+
+
 def test_devices_are_listed_in_canonical_form():
     devices = list_devices()
     assert devices and all(d.startswith("/device:") for d in devices)
