@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 from keras_parallel import _backend, _batch_norm, _graph, _validation, accumulation_plan
+from keras_parallel._backend.common.probes import state_bytes
 from keras_parallel.devices import resolve_devices
 from keras_parallel.layers.batch_slice import slice_sizes
 from keras_parallel.parallel import _resolve_split, replicas, unwrap
@@ -245,11 +246,24 @@ def plan(
             limit = int(memory_budget)
         limits.append(limit)
 
-    probe_fn = memory_probe or _backend.probes.peak_probe(template, device_list[0])
-    auto = plan_auto(batch_size, ratios, limits, _rows_measure(probe_fn), memory_margin)
+    state = None
+    probe_fn = memory_probe
+    if probe_fn is None:
+        state = state_bytes(model)
+        probe_fn = with_state(_backend.probes.peak_probe(template, device_list[0]), state)
+    auto = plan_auto(
+        batch_size,
+        ratios,
+        limits,
+        rows_measure(probe_fn),
+        memory_margin,
+        exact=memory_probe is None and _backend.accumulation.PROBE_RUNS_NOTHING,
+    )
     peak_line = auto.peak_line
     if peak_line is not None:
         notes.append(_peak_line_note(auto.points, peak_line))
+        if state is not None:
+            notes.append(_state_note(state))
         if memory_probe is None and _backend.probes.PEAK_NOTE:
             notes.append(_backend.probes.PEAK_NOTE)
     else:
@@ -295,7 +309,30 @@ def plan(
     )
 
 
-def _rows_measure(probe_fn):
+def with_state(probe_fn, state: int):
+    """A backend probe (the step's memory above rest) plus `state` bytes (`state_bytes`):
+    the one memory model of `plan` and `GradientAccumulation("auto")`. None stays None,
+    and so does a probe's 0 (an allocator without statistics)."""
+    if probe_fn is None:
+        return None
+
+    def probe(rows):
+        peak = probe_fn(rows)
+        # No statistics (some CPUs report zeros): no figure, whatever the state.
+        return None if peak is None or peak <= 0 else peak + state
+
+    return probe
+
+
+def _state_note(state: int) -> str:
+    return (
+        "each peak is the step's own memory (batch, activations, gradients, "
+        "temporaries) plus the model's weights and optimizer state "
+        f"({state / MIB:,.1f} MiB); data already on the device is not counted"
+    )
+
+
+def rows_measure(probe_fn):
     """`plan_auto`'s ``measure`` for a probe of `rows` rows on one device (None: no probe)."""
     if probe_fn is None:
         return None
@@ -369,6 +406,7 @@ def plan_auto(
     margin: float,
     *,
     out_of_memory: tuple[type[BaseException], ...] = (),
+    exact: bool = False,
 ) -> AutoPlan:
     """The one "auto" planner: `plan(micro_batch_size="auto")` and `GradientAccumulation("auto")`.
 
@@ -388,6 +426,10 @@ def plan_auto(
         margin: float in (0, 1]. Share of each limit a micro step may fill.
         out_of_memory: errors of `measure` that end the measuring (the points
             measured before are kept). Defaults to none.
+        exact: bool. Whether asking `measure` costs nothing (JAX compiles, runs
+            nothing): then the line's size is corrected with exact figures, the
+            largest size whose every device's rows fit (`measure` then takes the
+            rows on one device, as `plan`'s does). Defaults to False.
 
     Returns:
         An `AutoPlan`.
@@ -406,7 +448,36 @@ def plan_auto(
             points.append(point)
     peak_line = accumulation_plan.fit_peak_line(points) if points else None
     micro = auto_micro_batch_size(batch_size, ratios, limits, peak_line, margin)
+    if exact and micro is not None and measure is not None:
+        micro = _exact_size(batch_size, ratios, limits, measure, margin, micro)
     return AutoPlan(micro, peak_line, points)
+
+
+def _exact_size(batch_size, ratios, limits, measure, margin, estimate: int) -> int:
+    """The largest micro-batch size whose every device's rows fit, by exact figures.
+
+    A binary search around the line's `estimate`
+    (`accumulation_plan.refine_micro_batch_size`): a size fits when each device's
+    computed rows measure at most ``margin * limit`` of that device.
+    """
+    n = len(ratios)
+    known: dict[int, int] = {}
+
+    def peak(rows: int) -> int:
+        if rows not in known:
+            known[rows] = measure(rows)[1]
+        return known[rows]
+
+    def use(m: int) -> float:
+        sizes = slice_sizes(min(batch_size, n * m), ratios)
+        rows = _backend.devices.computed_rows(sizes, ratios)
+        return max(
+            peak(r) / (margin * limit) for r, limit in zip(rows, limits, strict=True) if r > 0
+        )
+
+    return accumulation_plan.refine_micro_batch_size(
+        use, estimate, 1.0, max(1, math.ceil(batch_size / n))
+    )
 
 
 def auto_micro_batch_size(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -253,3 +254,75 @@ def test_the_demo_trains_saves_and_reloads_on_this_backend(tmp_path):
     assert f"({FLAVOUR}, {BACKEND})" in result.stdout
     assert "Reloaded it: predictions match" in result.stdout
     assert (tmp_path / "direction_classifier.keras").exists()
+
+
+def clip_classifier(seed=0):
+    """The newcomer's model: a small 3D CNN with BatchNormalization."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((4, 12, 12, 3))
+    x = keras.layers.Conv3D(8, 3, padding="same", activation="relu")(inputs)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.GlobalAveragePooling3D()(x)
+    return keras.Model(inputs, keras.layers.Dense(4)(x))
+
+
+def test_plan_and_auto_choose_the_same_micro_batch_and_rows():
+    """plan() and the first step of GradientAccumulation("auto"): one planner, one memory
+    model, so the same model, devices and budget give the same micro-batch and rows."""
+    from keras_parallel.callbacks import GradientAccumulation
+
+    devices = two_cpus()
+    parallel = keras_parallel.DataParallel(clip_classifier(), devices=devices, split=[2, 1])
+    parallel.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    whole = keras_parallel.plan(parallel, 24, micro_batch_size="auto", memory_budget=2**40)
+    if whole.peak_bytes[0] is None:  # no figures (TensorFlow's CPU without BFC, torch)
+        budget = 2**30
+        planned = whole
+        assert planned.micro_batch_size == 12  # both keep the batch whole
+    else:
+        # A budget that holds about 5 rows of the first device's step.
+        per_row = whole.peak_bytes[0] / whole.rows_per_device[0]
+        budget = int(per_row * 5 / 0.8)
+        planned = keras_parallel.plan(parallel, 24, micro_batch_size="auto", memory_budget=budget)
+        assert 1 <= planned.micro_batch_size < 12  # it accumulates
+    rng = np.random.default_rng(0)
+    clips = rng.normal(size=(48, 4, 12, 12, 3)).astype("float32")
+    labels = rng.integers(0, 4, 48)
+    callback = GradientAccumulation("auto", memory_budget=budget)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "cannot measure", BatchNormalization per micro-batch
+        history = parallel.fit(
+            clips, labels, batch_size=24, epochs=1, verbose=0, callbacks=[callback]
+        )
+    assert callback.micro_batch_size_ == planned.micro_batch_size
+    assert history.history["micro_batch_size"] == [planned.micro_batch_size]
+    rows = keras_parallel.replicas(parallel).slice_sizes(2 * planned.micro_batch_size)
+    assert rows == planned.rows_per_device
+
+
+@pytest.mark.skipif(
+    backend_name() != "tensorflow" or os.environ.get("TF_CPU_ALLOCATOR_USE_BFC") == "true",
+    reason="TensorFlow's CPU allocator figures: this run has them or has no such allocator",
+)
+def test_plan_and_auto_agree_with_the_bfc_allocator():
+    """The same check with allocator figures (TF_CPU_ALLOCATOR_USE_BFC, read when
+    TensorFlow starts: a fresh process)."""
+    here = Path(__file__).parent
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            str(here / Path(__file__).name),
+            "-k",
+            "test_plan_and_auto_choose_the_same_micro_batch_and_rows",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TF_CPU_ALLOCATOR_USE_BFC": "true"},
+        cwd=here.parent,
+    )
+    assert "1 passed" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]

@@ -7,15 +7,15 @@ from collections.abc import Callable
 
 from keras_parallel import _backend, _validation
 from keras_parallel._backend.common.accumulation import BatchNormPool
+from keras_parallel._backend.common.probes import state_bytes
 from keras_parallel._batch_norm import is_batch_norm, unsupported_reason
 from keras_parallel._compat import IS_KERAS_3, keras
 from keras_parallel._graph import all_sublayers
 from keras_parallel._warnings import warn
-from keras_parallel.accumulation_plan import refine_micro_batch_size
 from keras_parallel.layers.batch_slice import slice_sizes
 from keras_parallel.memory import device_memory_limit
 from keras_parallel.parallel import num_replicas, replicas, unwrap
-from keras_parallel.plan import plan_auto
+from keras_parallel.plan import plan_auto, rows_measure, with_state
 
 __all__ = ["GradientAccumulation"]
 
@@ -242,14 +242,6 @@ class GradientAccumulation(keras.callbacks.Callback):
                 model, self._run_batch, replicas_n, pool
             )
         self._cache = (key, train_function)
-        if replicas_n > 1:
-            core = replicas(model)
-            ratios = list(core.ratios)
-            train_function.slices = (
-                core.layer,
-                core.placement[0],
-                lambda size: max(1, slice_sizes(replicas_n * size, ratios)[0]),
-            )
         self.micro_batch_size_ = None if self.micro_batch_size == _AUTO else self.micro_batch_size
         self._warned_batch_normalization = False
         self._first_rows = None  # rows per device of the fit's first (full) batch
@@ -350,24 +342,48 @@ class GradientAccumulation(keras.callbacks.Callback):
     def _plan(self, data, rows_per_device: int, train_function) -> int:
         """Plans the "auto" micro-batch size (per device) before the first update.
 
-        The planner is `keras_parallel.plan.plan_auto`, the one `keras_parallel.plan()`
-        uses: per-device limits (each device of a DataParallel model), a line through
-        peaks measured on the real batch (by `memory_probe`, else the train
-        function's probe).
+        The planner and the memory model are `keras_parallel.plan()`'s: per-device
+        limits (each device of a DataParallel model), the template's forward and
+        backward pass measured on the first device at a few row counts (the step's
+        own memory) plus the model's weights and optimizer state (`state_bytes`),
+        a line through them (`plan_auto`), and, where asking costs nothing (JAX),
+        exact figures for the size chosen. So the same model, devices and budget
+        give the micro-batch size `plan()` printed. Under a distribution strategy
+        of several replicas (or workers), or with `memory_probe`, the train
+        function's own probe of the real batch is used instead.
         """
         replicas_n = train_function.num_replicas
-        if unwrap(self.model) is not self.model:
+        template = unwrap(self.model)
+        if template is not self.model:
             core = replicas(self.model)
             ratios, devices = list(core.ratios), list(core.placement)
+            device = devices[0]
         else:
             ratios, devices = [1.0], [train_function.measured_device()]
+            device = train_function.plain_device()
         if self.memory_budget is not None:
             limits = [self.memory_budget] * len(devices)
         else:
             limits = [device_memory_limit(d) for d in devices]
         if any(limit is None for limit in limits):
             return rows_per_device  # no known limit (a CPU): keep the batch whole
-        probe = self.memory_probe or train_function.make_probe(data)
+        exact = False
+        if self.memory_probe is None and device is not None:
+            # plan()'s probe: rows on one device -> the step's memory plus the state.
+            base = _backend.probes.peak_probe(template, device)
+            probe = with_state(base, state_bytes(self.model))
+            measure = rows_measure(probe)
+            exact = _backend.accumulation.PROBE_RUNS_NOTHING
+        else:
+            probe = self.memory_probe
+            if probe is None:  # the step's own memory plus the state, as plan() counts
+                probe = with_state(train_function.make_probe(data), state_bytes(self.model))
+
+            def measure(size):
+                # The probe runs `replicas_n * size` rows; the measured (first) device
+                # computes its slice of them.
+                return max(1, slice_sizes(replicas_n * size, ratios)[0]), probe(size)
+
         if probe is None:
             warn(
                 'GradientAccumulation(micro_batch_size="auto") cannot measure memory '
@@ -377,45 +393,36 @@ class GradientAccumulation(keras.callbacks.Callback):
             )
             return rows_per_device
 
-        def measure(size):
-            # The probe runs `replicas_n * size` rows; the measured (first) device
-            # computes its slice of them.
-            return max(1, slice_sizes(replicas_n * size, ratios)[0]), probe(size)
+        unmeasured = []
+
+        def measured(size):
+            point = measure(size)
+            if point is None or point[1] is None:
+                unmeasured.append(size)
+                return None
+            return point
 
         auto = plan_auto(
             rows_per_device * replicas_n,
             ratios,
             limits,
-            measure,
+            measured,
             self.memory_margin,
             out_of_memory=_backend.accumulation.OUT_OF_MEMORY_ERRORS,
+            exact=exact,
         )
-        if not auto.points:
+        if unmeasured:  # no statistics on this device, as plan() finds
+            warn(
+                'GradientAccumulation(micro_batch_size="auto") found no memory figures '
+                f"on {devices[0]} (its allocator keeps no statistics; on a CPU, set "
+                "TF_CPU_ALLOCATOR_USE_BFC=true before TensorFlow starts), so it keeps "
+                "the batch whole, as plan() does, and halves it only on out-of-memory "
+                "errors."
+            )
+            return rows_per_device
+        if not auto.points:  # the smallest size measured ran out of memory
             return 1
-        micro = min(rows_per_device, auto.micro_batch_size)
-        if _backend.accumulation.PROBE_RUNS_NOTHING:
-            # Asking costs no memory (JAX compiles, runs nothing): check the line's
-            # size against exact figures.
-            sizes = slice_sizes(replicas_n * micro, ratios)
-            if _backend.devices.computed_rows(sizes, ratios) == sizes and replicas_n > 1:
-                # Each device computes its own rows; the probe measures the first
-                # device's: refine against its budget, never above the line's size
-                # (which every device's budget set).
-                refined = refine_micro_batch_size(
-                    lambda size: measure(size)[1],
-                    micro,
-                    self.memory_margin * limits[0],
-                    rows_per_device,
-                )
-                micro = min(micro, refined)
-            else:
-                # Every device computes as many rows as the largest slice (JAX's even
-                # split pads), so the smallest limit is the one to fit.
-                budget = self.memory_margin * min(limits)
-                micro = refine_micro_batch_size(
-                    lambda size: measure(size)[1], micro, budget, rows_per_device
-                )
-        return micro
+        return min(rows_per_device, auto.micro_batch_size)
 
     def _on_out_of_memory(self, old: int, new: int) -> int:
         warn(

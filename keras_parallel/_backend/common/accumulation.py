@@ -203,10 +203,6 @@ class TrainFunctionSwitch:
         self.num_replicas = num_replicas
         #: `BatchNormPool` of the layers whose statistics move once per batch (or None).
         self.batch_norm_pool = batch_norm_pool or None
-        #: For a DataParallel model, ``(template, first device, rows)``: rows(m) is the
-        #: first device's rows of a micro step of m rows per device (set by the caller).
-        #: JAX's per-device path plans memory from the template on those rows.
-        self.slices = None
         self.original = None  # the model's own train function, while installed
         self._history = None  # model.history of the fit that installed this function
         self._armed = False
@@ -218,6 +214,11 @@ class TrainFunctionSwitch:
     def agree_on_size(self, size: int) -> int:
         """The micro-batch size every worker runs: `size` itself with one worker."""
         return size
+
+    def plain_device(self) -> str | None:
+        """The one device the step runs on, without a distribution of several
+        replicas; None under one (then "auto" probes the real step instead)."""
+        return self.measured_device()
 
     def build_optimizer(self) -> None:
         """Builds the optimizer's slots now, if they are not yet.

@@ -25,6 +25,8 @@ __all__ = [
     "measure_throughput",
     "peak_probe",
     "samples_per_second",
+    "state_bytes",
+    "variable_bytes",
 ]
 
 #: What a backend's `peak_probe` figures are, for `plan`'s notes when it is not
@@ -92,3 +94,54 @@ def measure_throughput(
 def peak_probe(model, device: str) -> Callable[[int], int | None] | None:
     """No allocator peak to measure here: None."""
     return None
+
+
+_ITEMSIZE = {"bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1}
+
+
+def variable_bytes(variables) -> int:
+    """Bytes the values of `variables` (variables or arrays, each counted once) take."""
+    total, seen = 0, set()
+    for v in variables:
+        if id(v) in seen:
+            continue
+        seen.add(id(v))
+        name = getattr(v.dtype, "name", None) or str(v.dtype)
+        name = name.replace("_ref", "")
+        itemsize = _ITEMSIZE.get(name) or np.dtype(name).itemsize
+        total += int(np.prod(tuple(v.shape), dtype=np.int64)) * itemsize
+    return total
+
+
+def state_bytes(model) -> int:
+    """Bytes of what a device holds for training `model` whatever the micro-batch.
+
+    The model's variables (weights and non-trainable state) and its optimizer's
+    (the slots, once built; for a compiled model whose optimizer is not built yet,
+    those a copy of it builds for the model's weights; the user's optimizer is
+    not touched). The one memory model: `plan()` and `GradientAccumulation("auto")`
+    add this to the step's memory that a probe measures above what the device
+    held before the step.
+    """
+    total = variable_bytes(getattr(model, "variables", None) or [])
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None or isinstance(optimizer, str):
+        return total
+    variables = list(getattr(optimizer, "variables", None) or [])
+    if callable(variables):  # tf-keras's legacy optimizers: a method
+        variables = list(variables())
+    if not _built(optimizer, variables):
+        try:
+            copy = type(optimizer).from_config(optimizer.get_config())
+            copy.build(list(model.trainable_variables))
+            variables = list(copy.variables() if callable(copy.variables) else copy.variables)
+        except Exception:  # an optimizer that cannot be copied: its slots are unknown
+            variables = []
+    return total + variable_bytes(variables)
+
+
+def _built(optimizer, variables) -> bool:
+    built = getattr(optimizer, "built", None)  # Keras 3
+    if built is not None:
+        return bool(built)
+    return len(variables) > 1  # tf-keras: `iterations` alone until built

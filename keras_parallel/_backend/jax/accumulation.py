@@ -50,7 +50,8 @@ import numpy as np
 
 from keras_parallel._backend.common import accumulation as _common
 from keras_parallel._backend.common.accumulation import TrainFunctionSwitch, loss_tracker
-from keras_parallel._backend.jax.probes import compiled_bytes, peak_probe
+from keras_parallel._backend.common.probes import variable_bytes
+from keras_parallel._backend.jax.probes import compiled_bytes
 from keras_parallel._backend.jax.replicas import batch_layout
 from keras_parallel._compat import keras
 
@@ -342,6 +343,10 @@ class AccumulatingTrainFunction(TrainFunctionSwitch):
             )
         return self._distributed_batch
 
+    def plain_device(self) -> str | None:
+        """The step's one device; None under a `keras.distribution` (one program over a mesh)."""
+        return None if batch_layout() is not None else self.measured_device()
+
     def measured_device(self) -> str:
         """The device the micro step's memory analysis describes: Keras's default device."""
         device = jax.devices()[0]
@@ -384,13 +389,12 @@ class AccumulatingTrainFunction(TrainFunctionSwitch):
         return True
 
     def make_probe(self, data):
-        """size -> bytes XLA plans for the micro step on ``num_replicas * size`` rows of `data`.
+        """size -> bytes XLA plans for the micro step on ``num_replicas * size`` rows of `data`,
+        less the training state (the step's own memory).
 
         The compiled step's memory analysis (arguments, outputs and temporaries,
         less what aliases): nothing runs, so nothing can run out of memory.
         """
-        if self.slices is not None and not self._jit and batch_layout() is None:
-            return self._slice_probe()
         trainable, non_trainable, optimizer, metrics = self._state
         layout = batch_layout()
         sharding = None
@@ -414,27 +418,11 @@ class AccumulatingTrainFunction(TrainFunctionSwitch):
             total = compiled_bytes(compiled)
             if total is None:
                 raise RuntimeError(NO_PROBE_REASON)
-            return total
+            # The step's own memory: the state is there before it (the caller adds
+            # the model's state once, `state_bytes`).
+            return total - state
 
-        return probe
-
-    def _slice_probe(self):
-        """size -> bytes XLA plans for the first device's own program (per-device path).
-
-        A DataParallel model whose step is not jitted runs each device's rows as
-        programs on that device (no padding): the probe compiles the template's
-        forward/backward for the first device's rows on that device, as
-        `keras_parallel.plan` does, and runs nothing.
-        """
-        template, device, rows = self.slices
-        peak = peak_probe(template, device)
-
-        def probe(micro_batch_size: int) -> int:
-            total = peak(rows(micro_batch_size))
-            if total is None:
-                raise RuntimeError(NO_PROBE_REASON)
-            return total
-
+        state = variable_bytes([*trainable, *non_trainable, *optimizer, *metrics])
         return probe
 
 

@@ -18,7 +18,12 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from keras_parallel._backend.common.probes import example_batch, host_array, samples_per_second
+from keras_parallel._backend.common.probes import (
+    example_batch,
+    host_array,
+    samples_per_second,
+    variable_bytes,
+)
 from keras_parallel._backend.jax.replicas import jax_device
 from keras_parallel._compat import keras
 
@@ -72,7 +77,9 @@ def measure_throughput(
 
 
 def compiled_peak_bytes(model, device: str, rows: int, unknown_dim: int = 8) -> int | None:
-    """XLA's estimate, in bytes, of one forward/backward pass of `rows` rows on `device`.
+    """XLA's estimate, in bytes, of one forward/backward pass of `rows` rows on `device`,
+    less the model's variables (the step's own memory: batch, activations,
+    gradients, temporaries).
 
     The step is compiled for the device, not run (nothing is allocated for the
     batch). None where the compiler gives no memory analysis.
@@ -90,7 +97,12 @@ def compiled_peak_bytes(model, device: str, rows: int, unknown_dim: int = 8) -> 
         return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)
 
     arguments = _arguments(model, rows, unknown_dim, place, make)
-    return compiled_bytes(_step(model).lower(*arguments).compile())
+    total = compiled_bytes(_step(model).lower(*arguments).compile())
+    if total is None:
+        return None
+    # The step's own memory: the variables' values are there before it (the
+    # planner adds the model's state once, `state_bytes`).
+    return total - variable_bytes(arguments[0] + arguments[1])
 
 
 def compiled_bytes(compiled) -> int | None:

@@ -397,7 +397,9 @@ class AccumulatingTrainFunction(TrainFunctionSwitch):
         )
 
     def make_probe(self, data):
-        """A memory probe on `data`: size -> peak bytes of a forward/backward on that many rows.
+        """A memory probe on `data`: size -> bytes a forward/backward on that many rows
+        allocates at its peak above what the device held before it (the step's own
+        memory; `GradientAccumulation` adds the model's state, `state_bytes`).
 
         Returns None when the device has no allocator statistics (a CPU without
         TF_CPU_ALLOCATOR_USE_BFC, oneDNN on or off). The probe applies nothing, and
@@ -420,12 +422,13 @@ class AccumulatingTrainFunction(TrainFunctionSwitch):
             saved = self.snapshot_state()
             try:
                 reset_memory_stats(device)
+                before = int(memory_info(device)["current"])
                 rows = tf.constant(self.num_replicas * micro_batch_size, tf.int32)
                 result = self._probe_step(data, rows)
                 tf.nest.map_structure(
                     lambda t: t.numpy(), self.strategy.experimental_local_results(result)
                 )
-                return int(memory_info(device)["peak"])
+                return int(memory_info(device)["peak"]) - before
             finally:
                 self.restore_state(saved)
 
@@ -504,6 +507,12 @@ class AccumulatingTrainFunction(TrainFunctionSwitch):
 
     def measured_device(self) -> str:
         """The device whose allocator peak `make_probe` reads (see `measured_device`)."""
+        return measured_device(self.strategy)
+
+    def plain_device(self) -> str | None:
+        """The step's one device; None under a strategy of several replicas or workers."""
+        if self.spans_workers or self.strategy.num_replicas_in_sync > 1:
+            return None
         return measured_device(self.strategy)
 
     def step(self, data, micro_batch_size: int):

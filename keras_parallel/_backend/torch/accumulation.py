@@ -181,7 +181,8 @@ class AccumulatingTrainFunction(TrainFunctionSwitch):
         return self._updating
 
     def make_probe(self, data):
-        """size -> allocator peak of a forward/backward of ``num_replicas * size`` rows of `data`.
+        """size -> bytes a forward/backward of ``num_replicas * size`` rows of `data` allocates
+        at its peak above what the device held before it (the step's own memory).
 
         None where torch keeps no statistics (the CPU). The probe applies nothing and
         restores what the forward pass touched.
@@ -197,11 +198,12 @@ class AccumulatingTrainFunction(TrainFunctionSwitch):
             try:
                 torch.cuda.synchronize(index)
                 torch.cuda.reset_peak_memory_stats(index)
+                before = int(torch.cuda.memory_allocated(index))
                 self._forward_backward(
                     *(_slice_rows(t, 0, rows) for t in (x, y, sample_weight)), 1.0
                 )
                 torch.cuda.synchronize(index)
-                return int(torch.cuda.max_memory_allocated(index))
+                return int(torch.cuda.max_memory_allocated(index)) - before
             finally:
                 self.restore_state(saved)
 

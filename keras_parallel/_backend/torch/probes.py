@@ -72,22 +72,39 @@ def measure_throughput(
 
 
 def measure_peak_bytes(model, device: str, rows: int, unknown_dim: int = 8) -> int:
-    """torch's allocator peak, in bytes, of one forward/backward pass of `rows` rows.
+    """Bytes one forward/backward pass of `rows` rows allocates on `device` at its peak.
 
-    `device` is a GPU (torch keeps statistics for CUDA only). The peak counts
-    what the device held before the pass (the weights, other tensors).
+    torch's allocator peak during the pass less what it held just before (the
+    step's own memory, not the weights or other tensors already there). `device`
+    is a GPU (torch keeps statistics for CUDA only).
     """
     import torch
 
     target = torch.device(backend_device_name(device))
     run = _pass(model, device, rows, unknown_dim)
+    torch.cuda.synchronize(target)
     torch.cuda.reset_peak_memory_stats(target)
+    before = int(torch.cuda.memory_allocated(target))
     run()
-    return int(torch.cuda.max_memory_allocated(target))
+    torch.cuda.synchronize(target)
+    return int(torch.cuda.max_memory_allocated(target)) - before
 
 
 def peak_probe(model, device: str) -> Callable[[int], int] | None:
     """``rows -> measure_peak_bytes(model, device, rows)`` on a GPU; None on the CPU."""
     if ":GPU:" not in device:
         return None
-    return lambda rows: measure_peak_bytes(model, device, rows)
+    return _warmed(lambda rows: measure_peak_bytes(model, device, rows))
+
+
+def _warmed(measure):
+    """`measure`, whose first call runs the pass once before measuring: what a first
+    pass allocates once (cuBLAS workspaces, lazily built state) is no step's memory."""
+    calls = []
+
+    def probe(rows):
+        if not calls:
+            calls.append(measure(rows))
+        return measure(rows)
+
+    return probe
