@@ -385,12 +385,7 @@ class GradientAccumulation(keras.callbacks.Callback):
                 return max(1, slice_sizes(replicas_n * size, ratios)[0]), probe(size)
 
         if probe is None:
-            warn(
-                'GradientAccumulation(micro_batch_size="auto") cannot measure memory '
-                f"on {devices[0]} ({_backend.accumulation.NO_PROBE_REASON}), so it "
-                "keeps the batch whole and halves it only on out-of-memory errors. "
-                "Pass `memory_probe` to plan."
-            )
+            _warn_cannot_measure(devices[0])
             return rows_per_device
 
         unmeasured = []
@@ -412,13 +407,7 @@ class GradientAccumulation(keras.callbacks.Callback):
             exact=exact,
         )
         if unmeasured:  # no statistics on this device, as plan() finds
-            warn(
-                'GradientAccumulation(micro_batch_size="auto") found no memory figures '
-                f"on {devices[0]} (its allocator keeps no statistics; on a CPU, set "
-                "TF_CPU_ALLOCATOR_USE_BFC=true before TensorFlow starts), so it keeps "
-                "the batch whole, as plan() does, and halves it only on out-of-memory "
-                "errors."
-            )
+            _warn_cannot_measure(devices[0])
             return rows_per_device
         if not auto.points:  # the smallest size measured ran out of memory
             return 1
@@ -431,3 +420,14 @@ class GradientAccumulation(keras.callbacks.Callback):
         )
         self.micro_batch_size_ = new
         return new
+
+
+def _warn_cannot_measure(device: str) -> None:
+    warn(
+        'GradientAccumulation(micro_batch_size="auto") cannot measure memory on '
+        f"{device} ({_backend.accumulation.NO_PROBE_REASON}). It keeps the batch whole, "
+        "as plan() does without figures, and halves it only on out-of-memory errors. "
+        "To plan, make the figures available or pass memory_probe=(a function "
+        "micro_batch_size -> peak bytes), or give micro_batch_size as an int "
+        "(troubleshooting: '\"auto\" cannot measure memory')."
+    )
