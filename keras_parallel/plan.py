@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -250,7 +251,7 @@ def plan(
     probe_fn = memory_probe
     if probe_fn is None:
         state = state_bytes(model)
-        probe_fn = with_state(_backend.probes.peak_probe(template, device_list[0]), state)
+        probe_fn = with_state(remembered_probe(template, device_list[0]), state)
     auto = plan_auto(
         batch_size,
         ratios,
@@ -283,6 +284,12 @@ def plan(
         steps = accumulation_plan.accumulation_steps(batch_size, micro, n)
         rows_per_step = min(batch_size, n * micro)
     rows = slice_sizes(rows_per_step, ratios)
+    if n > 1 and 0 in rows and max(rows) >= 2:
+        idle = [d for d, r in zip(device_list, rows, strict=True) if r == 0]
+        notes.append(
+            f"{', '.join(idle)} gets no rows in a micro step ({' + '.join(map(str, rows))}) "
+            f"and waits in each: {fewest_rows_note(ratios, batch_size)}"
+        )
     computed = _backend.devices.computed_rows(rows, ratios)
     if computed != rows:
         notes.append(_padding_note())
@@ -307,6 +314,32 @@ def plan(
         notes=notes,
         batch_norm=batch_norm,
     )
+
+
+#: What `remembered_probe` measured, per template: {(device, rows): bytes or None}.
+_MEASURED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def remembered_probe(template, device: str):
+    """The backend's probe of `template`'s step on `device`, each figure measured once
+    per process: `GradientAccumulation("auto")` then reuses what `plan()` measured
+    (the same figures give the same plan; an allocator's figures differ a little
+    from one moment to the next). None where the backend has no probe."""
+    base = _backend.probes.peak_probe(template, device)
+    if base is None:
+        return None
+    try:
+        memo = _MEASURED.setdefault(template, {})
+    except TypeError:  # not weakly referable: measure every time
+        return base
+
+    def probe(rows):
+        key = (device, int(rows), len(template.weights))
+        if key not in memo:
+            memo[key] = base(rows)
+        return memo[key]
+
+    return probe
 
 
 def with_state(probe_fn, state: int):
@@ -511,3 +544,17 @@ def auto_micro_batch_size(
             break
         m -= 1
     return m
+
+
+def fewest_rows_note(ratios, batch: int) -> str:
+    """Which micro-batch size first gives every device rows, for the zero-rows warnings."""
+    n = len(ratios)
+    for m in range(1, max(1, -(-batch // n)) + 1):
+        sizes = slice_sizes(min(batch, n * m), ratios)
+        if 0 not in sizes:
+            return (
+                f"micro_batch_size={m} is the smallest that gives every device rows "
+                f"({' + '.join(map(str, sizes))}); where the budget chose this size, it "
+                "allows no larger one."
+            )
+    return "No micro-batch size of this batch gives every device rows."

@@ -438,3 +438,52 @@ def test_jax_a_distribution_other_than_data_parallel_is_refused():
             _train(model, keras.optimizers.SGD(0.1), [GradientAccumulation(2)])
     finally:
         keras.distribution.set_distribution(None)
+
+
+def test_a_micro_batch_that_leaves_a_device_without_rows_is_named():
+    template = _model()
+    parallel = _parallel(template, 2, [2, 1])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _train(parallel, keras.optimizers.SGD(0.1), [GradientAccumulation(1)], epochs=1)
+    idle = [str(w.message) for w in caught if "gets no rows" in str(w.message)]
+    assert len(idle) == 1
+    assert "cut 2 + 0 by the ratios [2.0, 1.0]" in idle[0]
+    assert "micro_batch_size=2 is the smallest that gives every device rows (3 + 1)" in idle[0]
+
+
+def test_a_first_step_over_the_budget_is_named_with_both_figures(monkeypatch):
+    from keras_parallel.callbacks import gradient_accumulation as module
+    from keras_parallel.memory import MemoryReading, MemorySource
+
+    class Source(MemorySource):
+        """An allocator whose step peaks 3 MiB above what it held."""
+
+        def __init__(self):
+            self.reset = False
+
+        def reset_peak(self, device):
+            self.reset = True
+            return True
+
+        def read(self, device):
+            return MemoryReading(50 * 2**20, (53 if self.reset else 50) * 2**20, None)
+
+    monkeypatch.setattr(module, "default_source", Source)
+
+    def probe(size):  # the plan: 1 MiB a row on a 16 MiB budget
+        return size * 2**20
+
+    def run(budget):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            callback = GradientAccumulation(
+                "auto", memory_budget=budget, memory_margin=1.0, memory_probe=probe
+            )
+            _train(_model(), keras.optimizers.SGD(0.1), [callback], epochs=1)
+        return [str(w.message) for w in caught if "over the budget" in str(w.message)]
+
+    over = run(2 * 2**20)  # 3 MiB (+ the model's state) over a 2 MiB budget
+    assert len(over) == 1
+    assert "peaked at 3.0 MiB" in over[0] and "budget of 2.0 MiB" in over[0]
+    assert run(16 * 2**20) == []

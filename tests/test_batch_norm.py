@@ -311,7 +311,9 @@ def test_accumulation_with_per_slice_statistics_moves_them_per_slice():
     features = _numpy(template.layers[1](x)).astype("float64")  # the layer's inputs
     parallel = _parallel_per_slice(template, [1, 1])
     parallel.compile(keras.optimizers.SGD(0.0), "mse")  # no weight moves: only the statistics
-    with pytest.warns(UserWarning, match="2 rows per device instead of batches of 6"):
+    with pytest.warns(
+        UserWarning, match=r"2 \+ 2 rows \(one per device\) instead of the batch.s 6 \+ 6"
+    ):
         parallel.fit(
             x,
             y,

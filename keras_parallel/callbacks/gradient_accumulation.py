@@ -13,9 +13,15 @@ from keras_parallel._compat import IS_KERAS_3, keras
 from keras_parallel._graph import all_sublayers
 from keras_parallel._warnings import warn
 from keras_parallel.layers.batch_slice import slice_sizes
-from keras_parallel.memory import device_memory_limit
+from keras_parallel.memory import default_source, device_memory_limit
 from keras_parallel.parallel import num_replicas, replicas, unwrap
-from keras_parallel.plan import plan_auto, rows_measure, with_state
+from keras_parallel.plan import (
+    fewest_rows_note,
+    plan_auto,
+    remembered_probe,
+    rows_measure,
+    with_state,
+)
 
 __all__ = ["GradientAccumulation"]
 
@@ -245,6 +251,7 @@ class GradientAccumulation(keras.callbacks.Callback):
         self.micro_batch_size_ = None if self.micro_batch_size == _AUTO else self.micro_batch_size
         self._warned_batch_normalization = False
         self._first_rows = None  # rows per device of the fit's first (full) batch
+        self._budgets = None  # {device: budget} "auto" planned for, until the first step
         self._has_batch_normalization = _has_batch_normalization(model)
         self._batch_norm_per_slice = (
             num_replicas(model) > 1 and replicas(model).batch_norm == "per_slice"
@@ -286,6 +293,13 @@ class GradientAccumulation(keras.callbacks.Callback):
         """
         rows = train_function.local_batch_rows(data)
         micro = self._micro_batch_size_for(data, rows, train_function)
+        if self._budgets:
+            budgets, self._budgets = self._budgets, None
+            with _PeakCheck(budgets, state_bytes(self.model), micro):
+                return self._run_sized_batch(train_function, data, micro)
+        return self._run_sized_batch(train_function, data, micro)
+
+    def _run_sized_batch(self, train_function, data, micro: int):
         out_of_memory = _backend.accumulation.OUT_OF_MEMORY_ERRORS
         retries = self.micro_batch_size == _AUTO and train_function.retries_are_safe
         while True:
@@ -317,8 +331,22 @@ class GradientAccumulation(keras.callbacks.Callback):
                 "accumulation (the logs record the micro-batch size in use). Pass a "
                 "micro_batch_size below the rows per device to accumulate."
             )
+        ratios = list(replicas(self.model).ratios) if replicas_n > 1 else [1.0]
+        step_rows = slice_sizes(min(rows, replicas_n * micro), ratios)
         if first:
             self._first_rows = rows_per_device
+            if replicas_n > 1 and 0 in step_rows and max(step_rows) >= 2:
+                idle = [
+                    d
+                    for d, r in zip(replicas(self.model).placement, step_rows, strict=True)
+                    if r == 0
+                ]
+                warn(
+                    f"GradientAccumulation: micro-batches of {micro} rows per device are "
+                    f"cut {' + '.join(map(str, step_rows))} by the ratios {ratios}, so "
+                    f"{', '.join(idle)} gets no rows and waits in every micro step. "
+                    f"{fewest_rows_note(ratios, rows)}"
+                )
         if (
             self._has_batch_normalization
             and not self._warned_batch_normalization
@@ -326,7 +354,11 @@ class GradientAccumulation(keras.callbacks.Callback):
         ):
             self._warned_batch_normalization = True
             if self._batch_norm_per_slice:
-                seen = f"{micro} rows per device instead of batches of {rows_per_device}"
+                whole = " + ".join(map(str, slice_sizes(rows, ratios)))
+                seen = (
+                    f"{' + '.join(map(str, step_rows))} rows (one per device) instead of "
+                    f"the batch's {whole}"
+                )
             else:
                 seen = f"{micro * replicas_n} rows instead of batches of {rows}"
             warn(
@@ -367,11 +399,11 @@ class GradientAccumulation(keras.callbacks.Callback):
             limits = [device_memory_limit(d) for d in devices]
         if any(limit is None for limit in limits):
             return rows_per_device  # no known limit (a CPU): keep the batch whole
+        self._budgets = dict(zip(devices, limits, strict=True))
         exact = False
         if self.memory_probe is None and device is not None:
             # plan()'s probe: rows on one device -> the step's memory plus the state.
-            base = _backend.probes.peak_probe(template, device)
-            probe = with_state(base, state_bytes(self.model))
+            probe = with_state(remembered_probe(template, device), state_bytes(self.model))
             measure = rows_measure(probe)
             exact = _backend.accumulation.PROBE_RUNS_NOTHING
         else:
@@ -431,3 +463,55 @@ def _warn_cannot_measure(device: str) -> None:
         "micro_batch_size -> peak bytes), or give micro_batch_size as an int "
         "(troubleshooting: '\"auto\" cannot measure memory')."
     )
+
+
+class _PeakCheck:
+    """Around the first step "auto" planned: its measured peak against the budgets.
+
+    Where the allocator keeps statistics, each allocator's peak during the step,
+    less what it held before, plus the model's state (the memory model of
+    `plan()`), is compared with the budget of the devices it serves (their sum,
+    for logical devices sharing one allocator); over it, one warning names the
+    devices, the figure and the budget.
+    """
+
+    def __init__(self, budgets: dict, state: int, micro: int):
+        self.budgets, self.state, self.micro = budgets, state, micro
+        self.before: dict[str, tuple[list[str], int]] = {}
+
+    def __enter__(self):
+        self.source = source = default_source()
+        for device in self.budgets:
+            allocator = source.allocator(device)
+            if allocator in self.before:
+                self.before[allocator][0].append(device)
+                continue
+            try:
+                if not source.reset_peak(device):
+                    continue
+                self.before[allocator] = ([device], source.read(device).current_bytes)
+            except Exception:  # no statistics here: nothing to check
+                continue
+        return self
+
+    def __exit__(self, kind, value, traceback):
+        if kind is not None:
+            return False
+        source = self.source
+        for devices, before in self.before.values():
+            try:
+                peak = source.read(devices[0]).peak_bytes
+            except Exception:
+                continue
+            figure = peak - before + self.state
+            budget = sum(self.budgets[d] for d in devices)
+            if figure > budget:
+                warn(
+                    f"GradientAccumulation: the first step with micro-batches of {self.micro} "
+                    f"rows per device peaked at {figure / 2**20:,.1f} MiB on "
+                    f"{', '.join(devices)} (the step's memory above what was there before, "
+                    f"plus the model's state), over the budget of {budget / 2**20:,.1f} MiB "
+                    "the plan fitted. Lower `memory_budget` or `memory_margin`, or give a "
+                    "smaller micro_batch_size (troubleshooting: 'a step over the budget')."
+                )
+        return False
