@@ -16,6 +16,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -187,3 +188,49 @@ def test_benchmark_plot_tables_are_on_the_page():
     assert len(figures["batch_norm"]["configs"]) == 4 and figures["batch_norm"]["epochs"]
     for image in re.findall(r"\]\((img/bench_[\w]+\.png)\)", text):
         assert (DOCS / image).exists(), image
+
+
+# -- the getting-started page, run as written ----------------------------------
+
+
+def _page_program(page: Path) -> str:
+    """The page's Python blocks, top to bottom, with their snippet lines expanded."""
+    text = page.read_text()
+    blocks = re.findall(r"^([ \t]*)```python\n(.*?)^\1```", text, flags=re.M | re.S)
+    program = []
+    for indent, body in blocks:
+        body = textwrap.dedent("\n".join(line[len(indent) :] for line in body.splitlines()))
+        for line in body.splitlines():
+            include = re.fullmatch(r'\s*--8<-- "([^":]+):(\w+)"', line)
+            if include is None:
+                program.append(line)
+                continue
+            source = (ROOT / include.group(1)).read_text()
+            section = re.search(
+                rf"# --8<-- \[start:{include.group(2)}\]\n(.*?)\n\s*# --8<-- "
+                rf"\[end:{include.group(2)}\]",
+                source,
+                flags=re.S,
+            ).group(1)
+            program.append(textwrap.dedent(section))
+    return "\n".join(program) + "\n"
+
+
+@pytest.mark.skipif(LEGACY, reason="the page's code is Keras 3's")
+def test_getting_started_page_runs_as_written_and_fit_runs_the_plan(tmp_path):
+    program = _page_program(DOCS / "getting-started.md")
+    assert "TF_CPU_ALLOCATOR_USE_BFC" in program and "import keras\n" in program
+    # Smaller: 2 batches of 32, one epoch (the page trains 32 batches for 6 epochs).
+    program = program.replace("Clips(batches=32)", "Clips(batches=2)")
+    program = program.replace("epochs=6", "epochs=1")
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_USE_LEGACY_KERAS",)}
+    env["KERAS_BACKEND"] = "tensorflow"
+    result = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, cwd=tmp_path, env=env
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    planned = re.search(r"micro_batch_size=(\d+):", result.stdout)
+    logged = re.search(r"micro_batch_size: (\d+)", result.stdout)
+    assert planned and logged, result.stdout[-3000:]
+    assert int(planned.group(1)) == int(logged.group(1))  # fit runs what the plan printed
+    assert (tmp_path / "video_classifier.keras").exists()

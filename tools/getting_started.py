@@ -38,27 +38,31 @@ OUTPUT = os.path.join(ROOT, "docs", "generated", "getting-started")
 # figures, the same kernels on every x86 CPU, no start-up log lines.
 os.environ.pop("TF_USE_LEGACY_KERAS", None)
 os.environ["KERAS_BACKEND"] = "tensorflow"
-os.environ["TF_CPU_ALLOCATOR_USE_BFC"] = "true"
 os.environ["TF_ENABLE_ONEDNN_OPTS"] = "0"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, ROOT)
 
-import keras_parallel  # noqa: E402
+# --8<-- [start:setup]
+import os
 
-# --8<-- [start:devices]
-# No GPU here: the CPU, split into two logical devices, stands in for the two GPUs.
-devices = keras_parallel.split_cpu(2)  # first thing in the program
-# --8<-- [end:devices]
+# Memory figures on a CPU: TensorFlow reads this once, when it starts.
+os.environ["TF_CPU_ALLOCATOR_USE_BFC"] = "true"  # on your machine: leave it out
 
-import keras  # noqa: E402
+import keras
+
+import keras_parallel
+from keras_parallel.demo import make_clips  # clips of a square moving 1 of 4 ways
+
+# No GPU here: the CPU, split into two logical devices, stands in for the two GPUs
+# (before TensorFlow starts its devices).
+devices = keras_parallel.split_cpu(2)  # on your machine: leave it out
+FRAMES, SIZE = 8, 24  # frames per clip, pixels per side
+# --8<-- [end:setup]
+
 import tensorflow as tf  # noqa: E402
-
-from keras_parallel.demo import make_clips  # noqa: E402
 
 # One thread per op scheduler: the allocator peaks then repeat to the byte.
 tf.config.threading.set_inter_op_parallelism_threads(1)
-
-FRAMES, SIZE = 8, 24
 
 # --8<-- [start:standins]
 # Stand-ins for the two GPUs on a CPU, which has no memory limit of its own.
@@ -95,9 +99,9 @@ def build_classifier():
 
 
 def make_parallel():
+    # --8<-- [start:parallel]
     keras.utils.set_random_seed(0)
     model = build_classifier()
-    # --8<-- [start:parallel]
     parallel = keras_parallel.DataParallel(
         model,
         devices=devices,  # on your machine: leave it out (every GPU)
@@ -140,10 +144,10 @@ class Clips(keras.utils.PyDataset):
 
 
 def train(model, parallel):
-    clips = Clips(batches=32)  # 1024 clips, 32 a batch
-    test_clips = Clips(batches=4, seed=1000)
     # --8<-- [start:fit]
     from keras_parallel.callbacks import GPUMemoryLogger, GradientAccumulation
+
+    clips = Clips(batches=32)  # 1024 clips, 32 a batch
 
     parallel.compile(
         optimizer=keras.optimizers.Adam(3e-3),
@@ -165,6 +169,7 @@ def train(model, parallel):
     )
     model.save("video_classifier.keras")  # the template holds the trained weights
     # --8<-- [end:fit]
+    test_clips = Clips(batches=4, seed=1000)
     _, accuracy = parallel.evaluate(test_clips, verbose=0)
     return history, accuracy
 
