@@ -232,6 +232,10 @@ class GradientAccumulation(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         model = self.model
+        # Held for the batches: on JAX, Keras's `Callback.model` syncs the training
+        # state into the variables each time it is read, which inside a train
+        # function would hand the step buffers it is about to donate.
+        self._fit_model = model
         self._validate_model(model)
         accumulation = _backend.accumulation
         # The model's own train function (one left installed by a fit that raised is
@@ -279,6 +283,7 @@ class GradientAccumulation(keras.callbacks.Callback):
         if self._installed is not None:
             self._installed.uninstall()
         self._installed = None
+        self._fit_model = None
 
     # ------------------------------------------------------------------- policy
     def _run_batch(self, train_function, data):
@@ -295,7 +300,7 @@ class GradientAccumulation(keras.callbacks.Callback):
         micro = self._micro_batch_size_for(data, rows, train_function)
         if self._budgets:
             budgets, self._budgets = self._budgets, None
-            with _PeakCheck(budgets, state_bytes(self.model), micro):
+            with _PeakCheck(budgets, state_bytes(self._fit_model), micro):
                 return self._run_sized_batch(train_function, data, micro)
         return self._run_sized_batch(train_function, data, micro)
 
@@ -331,14 +336,14 @@ class GradientAccumulation(keras.callbacks.Callback):
                 "accumulation (the logs record the micro-batch size in use). Pass a "
                 "micro_batch_size below the rows per device to accumulate."
             )
-        ratios = list(replicas(self.model).ratios) if replicas_n > 1 else [1.0]
+        ratios = list(replicas(self._fit_model).ratios) if replicas_n > 1 else [1.0]
         step_rows = slice_sizes(min(rows, replicas_n * micro), ratios)
         if first:
             self._first_rows = rows_per_device
             if replicas_n > 1 and 0 in step_rows and max(step_rows) >= 2:
                 idle = [
                     d
-                    for d, r in zip(replicas(self.model).placement, step_rows, strict=True)
+                    for d, r in zip(replicas(self._fit_model).placement, step_rows, strict=True)
                     if r == 0
                 ]
                 warn(
@@ -385,9 +390,9 @@ class GradientAccumulation(keras.callbacks.Callback):
         function's own probe of the real batch is used instead.
         """
         replicas_n = train_function.num_replicas
-        template = unwrap(self.model)
-        if template is not self.model:
-            core = replicas(self.model)
+        template = unwrap(self._fit_model)
+        if template is not self._fit_model:
+            core = replicas(self._fit_model)
             ratios, devices = list(core.ratios), list(core.placement)
             device = devices[0]
         else:
@@ -403,13 +408,13 @@ class GradientAccumulation(keras.callbacks.Callback):
         exact = False
         if self.memory_probe is None and device is not None:
             # plan()'s probe: rows on one device -> the step's memory plus the state.
-            probe = with_state(remembered_probe(template, device), state_bytes(self.model))
+            probe = with_state(remembered_probe(template, device), state_bytes(self._fit_model))
             measure = rows_measure(probe)
             exact = _backend.accumulation.PROBE_RUNS_NOTHING
         else:
             probe = self.memory_probe
             if probe is None:  # the step's own memory plus the state, as plan() counts
-                probe = with_state(train_function.make_probe(data), state_bytes(self.model))
+                probe = with_state(train_function.make_probe(data), state_bytes(self._fit_model))
 
             def measure(size):
                 # The probe runs `replicas_n * size` rows; the measured (first) device
