@@ -26,6 +26,7 @@ __all__ = [
     "peak_probe",
     "samples_per_second",
     "state_bytes",
+    "steadied",
     "variable_bytes",
 ]
 
@@ -145,3 +146,25 @@ def _built(optimizer, variables) -> bool:
     if built is not None:
         return bool(built)
     return len(variables) > 1  # tf-keras: `iterations` alone until built
+
+
+def steadied(measure, repeats: int = 3):
+    """`measure` (rows -> bytes or None), steadied for planning.
+
+    Its first call runs the pass once unmeasured (what a first pass allocates
+    once, kernels' constants or workspaces, is no step's memory), and each figure
+    is the least of `repeats` passes (an input pipeline's threads that allocate on
+    the same device meanwhile, as `fit`'s prefetching does, only ever add to a
+    pass's peak).
+    """
+    calls = []
+
+    def probe(rows):
+        if not calls:
+            calls.append(measure(rows))
+        figures = [measure(rows) for _ in range(repeats)]
+        if any(f is None for f in figures):
+            return None
+        return min(figures)
+
+    return probe

@@ -8,7 +8,12 @@ from collections.abc import Callable
 import numpy as np
 import tensorflow as tf
 
-from keras_parallel._backend.common.probes import PEAK_NOTE, example_batch, samples_per_second
+from keras_parallel._backend.common.probes import (
+    PEAK_NOTE,
+    example_batch,
+    samples_per_second,
+    steadied,
+)
 from keras_parallel._backend.tensorflow.memory import _short
 
 __all__ = ["PEAK_NOTE", "measure_peak_bytes", "measure_throughput", "peak_probe"]
@@ -90,22 +95,4 @@ def measure_peak_bytes(model, device: str, rows: int, unknown_dim: int = 8) -> i
 def peak_probe(model, device: str) -> Callable[[int], int | None]:
     """``rows -> measure_peak_bytes(model, device, rows)``: the step's memory above rest,
     the default memory probe of `plan` (which adds the model's state, `state_bytes`)."""
-    return _warmed(lambda rows: measure_peak_bytes(model, device, rows))
-
-
-def _warmed(measure, repeats: int = 3):
-    """`measure`, steadied: its first call runs the pass once unmeasured (what a first
-    pass allocates once is no step's memory), and each figure is the least of
-    `repeats` passes (an input pipeline's threads that allocate on the same device
-    meanwhile, as `fit`'s prefetching does, only ever add to a pass's peak)."""
-    calls = []
-
-    def probe(rows):
-        if not calls:
-            calls.append(measure(rows))
-        figures = [measure(rows) for _ in range(repeats)]
-        if any(f is None for f in figures):
-            return None
-        return min(figures)
-
-    return probe
+    return steadied(lambda rows: measure_peak_bytes(model, device, rows))

@@ -19,6 +19,7 @@ from keras_parallel._backend.common.probes import (
     example_batch,
     host_array,
     samples_per_second,
+    steadied,
 )
 from keras_parallel._backend.torch.devices import backend_device_name, device_scope
 from keras_parallel._compat import keras
@@ -94,22 +95,4 @@ def peak_probe(model, device: str) -> Callable[[int], int] | None:
     """``rows -> measure_peak_bytes(model, device, rows)`` on a GPU; None on the CPU."""
     if ":GPU:" not in device:
         return None
-    return _warmed(lambda rows: measure_peak_bytes(model, device, rows))
-
-
-def _warmed(measure, repeats: int = 3):
-    """`measure`, steadied: its first call runs the pass once unmeasured (what a first
-    pass allocates once is no step's memory), and each figure is the least of
-    `repeats` passes (an input pipeline's threads that allocate on the same device
-    meanwhile, as `fit`'s prefetching does, only ever add to a pass's peak)."""
-    calls = []
-
-    def probe(rows):
-        if not calls:
-            calls.append(measure(rows))
-        figures = [measure(rows) for _ in range(repeats)]
-        if any(f is None for f in figures):
-            return None
-        return min(figures)
-
-    return probe
+    return steadied(lambda rows: measure_peak_bytes(model, device, rows))
