@@ -236,6 +236,11 @@ class GradientAccumulation(keras.callbacks.Callback):
         # state into the variables each time it is read, which inside a train
         # function would hand the step buffers it is about to donate.
         self._fit_model = model
+        if num_replicas(model) > 1:
+            core = replicas(model)
+            self._slicing = (list(core.ratios), list(core.placement))
+        else:
+            self._slicing = ([1.0], [])
         self._validate_model(model)
         accumulation = _backend.accumulation
         # The model's own train function (one left installed by a fit that raised is
@@ -336,16 +341,12 @@ class GradientAccumulation(keras.callbacks.Callback):
                 "accumulation (the logs record the micro-batch size in use). Pass a "
                 "micro_batch_size below the rows per device to accumulate."
             )
-        ratios = list(replicas(self._fit_model).ratios) if replicas_n > 1 else [1.0]
-        step_rows = slice_sizes(min(rows, replicas_n * micro), ratios)
+        ratios, placement = self._slicing
         if first:
             self._first_rows = rows_per_device
+            step_rows = slice_sizes(min(rows, replicas_n * micro), ratios)
             if replicas_n > 1 and 0 in step_rows and max(step_rows) >= 2:
-                idle = [
-                    d
-                    for d, r in zip(replicas(self._fit_model).placement, step_rows, strict=True)
-                    if r == 0
-                ]
+                idle = [d for d, r in zip(placement, step_rows, strict=True) if r == 0]
                 warn(
                     f"GradientAccumulation: micro-batches of {micro} rows per device are "
                     f"cut {' + '.join(map(str, step_rows))} by the ratios {ratios}, so "
@@ -359,6 +360,7 @@ class GradientAccumulation(keras.callbacks.Callback):
         ):
             self._warned_batch_normalization = True
             if self._batch_norm_per_slice:
+                step_rows = slice_sizes(min(rows, replicas_n * micro), ratios)
                 whole = " + ".join(map(str, slice_sizes(rows, ratios)))
                 seen = (
                     f"{' + '.join(map(str, step_rows))} rows (one per device) instead of "
