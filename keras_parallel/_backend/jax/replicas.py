@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from keras_parallel._backend.jax.devices import device_scope
 from keras_parallel._compat import keras
 
 __all__ = [
@@ -356,7 +357,7 @@ class SliceCalls:
             values.append(value)
         values, args, arrays = move_to((values, args, arrays), device)
         if split is None:  # a non-array argument that cannot key a program: run op by op
-            with keras.device(_jax_name(device)):
+            with device_scope(device):
                 outputs, new, loss = program.run(values, args, arrays)
         else:
             outputs, new, loss = program.jitted(values, args, arrays)
@@ -376,8 +377,3 @@ class SliceCalls:
             variable.assign(value)
         self._final.clear()
         self._chained.clear()
-
-
-def _jax_name(device: str) -> str:
-    _, kind, index = device.split(":")
-    return f"{kind.lower()}:{index}"
