@@ -11,6 +11,7 @@ __all__ = [
     "backend_device_name",
     "computed_rows",
     "device_scope",
+    "jax_device",
     "list_devices",
     "move_to",
     "set_cpu_device_count",
@@ -35,13 +36,34 @@ def device_scope(name: str):
     return keras.device(backend_device_name(name))
 
 
+def jax_device(canonical: str):
+    """The JAX device for a canonical name ("/device:GPU:1" -> jax.devices("gpu")[1])."""
+    import jax
+
+    _, kind, index = canonical.split(":")
+    platform = {"GPU": "gpu", "CPU": "cpu", "TPU": "tpu"}.get(kind, kind.lower())
+    # This process's devices: with several JAX processes, jax.devices() lists them all.
+    return jax.local_devices(backend=platform)[int(index)]
+
+
 def move_to(value, device):
     """`value`'s arrays on `device` (canonical; None: unchanged): DataParallel's
     per-device path moves values between devices explicitly (JAX runs an
-    operation where its committed inputs are, and refuses inputs on several)."""
-    from keras_parallel._backend.jax.replicas import move_to as _move_to
+    operation where its committed inputs are, and refuses inputs on several);
+    `jax.device_put` carries gradients back to where the values were."""
+    if device is None:
+        return value
+    import jax
+    import numpy as np
 
-    return _move_to(value, device)
+    target = jax_device(device)
+
+    def move(x):
+        if isinstance(x, jax.Array | np.ndarray | jax.core.Tracer):
+            return jax.device_put(x, target)
+        return x
+
+    return jax.tree_util.tree_map(move, value)
 
 
 def split_cpu(num_devices: int) -> list[str]:

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from keras_parallel._backend.jax.devices import device_scope
+from keras_parallel._backend.jax.devices import device_scope, jax_device, move_to
 from keras_parallel._compat import keras
 
 __all__ = [
@@ -54,14 +54,6 @@ __all__ = [
 ]
 
 _AXIS = "replicas"
-
-
-def jax_device(canonical: str):
-    """The JAX device for a canonical name ("/device:GPU:1" -> jax.devices("gpu")[1])."""
-    _, kind, index = canonical.split(":")
-    platform = {"GPU": "gpu", "CPU": "cpu", "TPU": "tpu"}.get(kind, kind.lower())
-    # This process's devices: with several JAX processes, jax.devices() lists them all.
-    return jax.local_devices(backend=platform)[int(index)]
 
 
 def _mesh(devices):
@@ -243,24 +235,6 @@ def needs_per_device(devices, ratios) -> bool:
     """True when the padded SPMD path would make a device compute rows it does not own
     (unequal ratios), or cannot run at all (devices of different kinds)."""
     return len(devices) > 1 and (len(set(ratios)) > 1 or platforms_differ(devices))
-
-
-def move_to(structure, device):
-    """`structure`'s arrays on `device` (a canonical name; None: as they are).
-
-    For the per-device path only (outside a jitted step, where placement holds);
-    `jax.device_put` carries gradients back to where the values were.
-    """
-    if device is None:
-        return structure
-    target = jax_device(device)
-
-    def move(x):
-        if isinstance(x, jax.Array | np.ndarray | jax.core.Tracer):
-            return jax.device_put(x, target)
-        return x
-
-    return jax.tree_util.tree_map(move, structure)
 
 
 def is_seed_state(variable) -> bool:
