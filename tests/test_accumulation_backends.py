@@ -487,3 +487,30 @@ def test_a_first_step_over_the_budget_is_named_with_both_figures(monkeypatch):
     assert len(over) == 1
     assert "peaked at 3.0 MiB" in over[0] and "budget of 2.0 MiB" in over[0]
     assert run(16 * 2**20) == []
+
+
+@pytest.mark.parametrize("csv_first", [True, False], ids=["csv_first", "csv_last"])
+def test_log_keys_reach_a_csv_logger_listed_in_any_order(tmp_path, csv_first):
+    """GradientAccumulation and GPUMemoryLogger move to the front of fit's callbacks,
+    so a CSVLogger listed before them still gets their columns (on every flavour:
+    this fails by name when Keras changes how it calls the callbacks)."""
+    from keras_parallel.callbacks import GPUMemoryLogger
+    from keras_parallel.callbacks._order import move_to_front
+    from keras_parallel.memory import MIB, MemoryReading, MemorySource
+
+    class OneFakeGPU(MemorySource):
+        def devices(self):
+            return ["/device:GPU:0"]
+
+        def read(self, device):
+            return MemoryReading(10 * MIB, 12 * MIB, 100 * MIB)
+
+    path = tmp_path / "log.csv"
+    csv_logger = keras.callbacks.CSVLogger(str(path))
+    ours = [GradientAccumulation(5), GPUMemoryLogger(source=OneFakeGPU(), nvml=False)]
+    callbacks = [csv_logger, *ours] if csv_first else [*ours, csv_logger]
+    _train(_model(), keras.optimizers.SGD(0.1), callbacks)
+    header = path.read_text().splitlines()[0].split(",")
+    assert {"micro_batch_size", "gpu0_peak_mib", "gpu0_limit_mib", "loss"} <= set(header)
+    # Outside fit (a hook called by hand) nothing is found and nothing moves.
+    assert move_to_front(csv_logger) is False

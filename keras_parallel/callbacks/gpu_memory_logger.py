@@ -9,6 +9,7 @@ import os
 from keras_parallel import _validation
 from keras_parallel._compat import keras
 from keras_parallel._warnings import warn
+from keras_parallel.callbacks._order import move_to_front
 from keras_parallel.devices import canonical_device_name
 from keras_parallel.memory import (
     MIB,
@@ -32,8 +33,9 @@ class GPUMemoryLogger(keras.callbacks.Callback):
 
     At the end of every epoch, and every `every_n_batches` training batches
     when asked, the callback reads each device's memory and writes it into
-    `logs`, so `History`, a `CSVLogger` placed after it, `TensorBoard` and the
-    progress bar show it. Per device ``i`` (its index in the framework):
+    `logs`, so `History`, `CSVLogger`, `TensorBoard` and the progress bar show
+    it, whatever their place in the callback list: at the start of training the
+    logger moves itself to the front of `fit`'s callbacks. Per device ``i`` (its index in the framework):
 
     - ``gpu{i}_current_mib``: in use now.
     - ``gpu{i}_peak_mib``: the most in use since the last reading. In epoch
@@ -160,6 +162,9 @@ class GPUMemoryLogger(keras.callbacks.Callback):
     # -- set-up ------------------------------------------------------------
 
     def on_train_begin(self, logs=None):
+        # Ahead of the callbacks that read the logs (CSVLogger, TensorBoard,
+        # EarlyStopping), whatever the order they were listed in.
+        move_to_front(self)
         self._allocator = self.source if self.source is not None else default_source()
         if self._host is None:
             self._host = HostSource()

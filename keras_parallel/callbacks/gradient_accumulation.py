@@ -12,6 +12,7 @@ from keras_parallel._batch_norm import is_batch_norm, unsupported_reason
 from keras_parallel._compat import IS_KERAS_3, keras
 from keras_parallel._graph import all_sublayers
 from keras_parallel._warnings import warn
+from keras_parallel.callbacks._order import move_to_front
 from keras_parallel.layers.batch_slice import slice_sizes
 from keras_parallel.memory import default_source, device_memory_limit
 from keras_parallel.parallel import num_replicas, replicas, unwrap
@@ -231,6 +232,9 @@ class GradientAccumulation(keras.callbacks.Callback):
             )
 
     def on_train_begin(self, logs=None):
+        # Ahead of the callbacks that read the logs (CSVLogger, ...), whatever the
+        # order they were listed in: they then see `micro_batch_size`.
+        move_to_front(self)
         model = self.model
         # Held for the batches: on JAX, Keras's `Callback.model` syncs the training
         # state into the variables each time it is read, which inside a train
