@@ -264,17 +264,38 @@ def check_fit_supported(model) -> None:
         return
     if not IS_KERAS_3 or backend_name() != "tensorflow":
         return
-    distribute_strategy = getattr(model, "distribute_strategy", None)
+    _refuse_keras_3_fit(getattr(model, "distribute_strategy", None), "`fit`")
+
+
+def _refuse_keras_3_fit(distribute_strategy, what: str) -> None:
+    """Raises where Keras 3 on TensorFlow would `fit` under a multi-worker strategy."""
+    if not IS_KERAS_3 or backend_name() != "tensorflow":
+        return
     if not is_multi_worker(distribute_strategy):
         return
     raise NotImplementedError(
-        "Keras 3 cannot `fit` under a MultiWorkerMirroredStrategy over several "
-        "workers: its `fit` fails inside Keras (keras-team/keras#20585). Expected "
+        f"Keras 3 cannot `fit` under a MultiWorkerMirroredStrategy over several "
+        f"workers, so {what} cannot run there: Keras's `fit` fails inside Keras "
+        "(keras-team/keras#20585), with or without keras_parallel. Expected "
         "tf-keras for several machines: `pip install tf-keras` and set "
         "TF_USE_LEGACY_KERAS=1 before anything imports TensorFlow. "
         f"Received: Keras {keras.__version__}, "
         f"MultiWorkerMirroredStrategy with {distribute_strategy.num_replicas_in_sync} replicas"
     )
+
+
+def _check_scope_supported(what: str) -> None:
+    """Raises, like `check_fit_supported`, inside a multi-worker strategy's scope on Keras 3.
+
+    For objects made before `fit` (`GradientAccumulation`): Keras 3's `fit` fails
+    there before any callback is called, so the refusal comes when the object is
+    made inside `strategy.scope()`.
+    """
+    if not IS_KERAS_3 or backend_name() != "tensorflow":
+        return
+    tf = _tensorflow()
+    if tf.distribute.has_strategy():
+        _refuse_keras_3_fit(tf.distribute.get_strategy(), what)
 
 
 def _check_jax_fit_supported(model) -> None:

@@ -184,8 +184,13 @@ def test_out_of_memory_at_a_fixed_size_fails_every_worker_at_once(tf_keras_runs)
 
 @pytest.mark.skipif(not IS_KERAS_3, reason="Keras 3 only")
 def test_keras_3_on_several_workers(tmp_path):
-    results = run_workers(["plain", "dp_equal"], tmp_path)
+    results = run_workers(["plain", "auto_agree", "dp_equal"], tmp_path)
     for worker in results:
+        # GradientAccumulation made inside the strategy's scope refuses at once
+        # (Keras 3's fit fails before any callback is called).
+        accumulation = worker["cases"]["auto_agree"]["error"]
+        assert accumulation["type"] == "NotImplementedError", accumulation
+        assert "GradientAccumulation cannot run there" in accumulation["message"]
         # Keras's own failure (keras-team/keras#20585): when this stops failing,
         # lift the refusal in keras_parallel.multi_worker.check_fit_supported.
         plain = worker["cases"]["plain"]["error"]

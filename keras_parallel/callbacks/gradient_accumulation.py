@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from keras_parallel import _backend, _validation
+from keras_parallel import _backend, _validation, multi_worker
 from keras_parallel._backend.common.accumulation import BatchNormPool
 from keras_parallel._backend.common.probes import state_bytes
 from keras_parallel._batch_norm import is_batch_norm, unsupported_reason
@@ -190,6 +190,9 @@ class GradientAccumulation(keras.callbacks.Callback):
         memory_probe: Callable[[int], int] | None = None,
     ):
         super().__init__()
+        # Keras 3's `fit` fails under a multi-worker strategy before any callback is
+        # called: made inside its scope, the callback says so now, before any data.
+        multi_worker._check_scope_supported("GradientAccumulation")
         self.micro_batch_size = _validation.validate_micro_batch_size(micro_batch_size)
         self.memory_budget = _validation.validate_positive_number(
             memory_budget, "memory_budget", allow_none=True
