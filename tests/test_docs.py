@@ -213,6 +213,10 @@ def test_benchmark_plot_tables_are_on_the_page():
 # -- the getting-started page, run as written ----------------------------------
 
 
+#: The comment line `_page_program` puts after each block.
+BLOCK_END = "# --- block ---"
+
+
 def _page_program(page: Path) -> str:
     """The page's Python blocks, top to bottom, with their snippet lines expanded."""
     text = page.read_text()
@@ -233,6 +237,7 @@ def _page_program(page: Path) -> str:
                 flags=re.S,
             ).group(1)
             program.append(textwrap.dedent(section))
+        program.append(BLOCK_END)
     return "\n".join(program) + "\n"
 
 
@@ -254,3 +259,106 @@ def test_getting_started_page_runs_as_written_and_fit_runs_the_plan(tmp_path):
     assert planned and logged, result.stdout[-3000:]
     assert int(planned.group(1)) == int(logged.group(1))  # fit runs what the plan printed
     assert (tmp_path / "video_classifier.keras").exists()
+
+
+# -- the how-to pages, run as written ------------------------------------------
+
+HOW_TO = DOCS / "how-to"
+
+
+def _how_to_programs() -> tuple[dict[str, str], list[str]]:
+    """({page: the set-up block, then the page's blocks}, [blocks that are files of their own]).
+
+    A block whose first line is `# name.py` is a file of its own (a conftest.py):
+    it runs alone, in a fresh process.
+    """
+    setup = _page_program(HOW_TO / "index.md")
+    programs, files = {}, []
+    for page in sorted(HOW_TO.glob("*.md")):
+        if page.name == "index.md":
+            continue
+        continued = []
+        for block in _page_program(page).split(f"\n{BLOCK_END}\n"):
+            if not block.strip():
+                continue
+            if re.match(r"#\s*\w+\.py\s*\n", block.lstrip()):
+                files.append(block)
+            else:
+                continued.append(block)
+        if continued:
+            programs[page.name] = setup + "\n".join(continued)
+    return programs, files
+
+
+def test_how_to_pages_say_what_their_code_needs():
+    programs, _ = _how_to_programs()
+    assert set(programs) >= {
+        "unequal-gpus.md",
+        "batches-that-do-not-fit.md",
+        "saving-and-checkpoints.md",
+        "memory-logs.md",
+        "cpu-only.md",
+    }
+    for name in programs:
+        assert "index.md#set-up" in (HOW_TO / name).read_text(), name
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(LEGACY, reason="the pages' code is Keras 3's; once is enough")
+def test_how_to_pages_run_as_written(tmp_path):
+    """Every Python block of the how-to pages, after the recipes' set-up, with one epoch."""
+    programs, files = _how_to_programs()
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_USE_LEGACY_KERAS",)}
+    env["KERAS_BACKEND"] = "tensorflow"
+    runner = textwrap.dedent(
+        """
+        import sys, warnings
+        warnings.simplefilter("ignore")  # the CPU stand-in's warnings (no memory figures)
+        pages = {pages!r}
+        for name, code in pages.items():
+            print("page:", name, flush=True)
+            exec(compile(code, name, "exec"), {{"__name__": "__main__"}})
+        print("all pages ran")
+        """
+    )
+    small = {n: re.sub(r"epochs=\d+", "epochs=1", code) for n, code in programs.items()}
+    result = subprocess.run(
+        [sys.executable, "-c", runner.format(pages=small)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "all pages ran" in result.stdout
+    assert (tmp_path / "train.csv").exists() and (tmp_path / "last.keras").exists()
+    for code in files:  # a conftest.py: its own process, before TensorFlow starts
+        result = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+
+
+# -- code blocks on the site ---------------------------------------------------
+
+#: Columns a python or bash line on the site may use: the width the theme shows
+#: without scrolling on a laptop screen (text blocks wrap: stylesheets/extra.css).
+CODE_COLUMNS = 88
+
+
+def test_code_lines_on_the_site_fit_without_scrolling():
+    long_lines = []
+    for page in sorted(DOCS.rglob("*.md")):
+        blocks = re.findall(
+            r"^([ \t]*)```(python|bash)\n(.*?)^\1```", page.read_text(), flags=re.M | re.S
+        )
+        for indent, _, body in blocks:
+            for line in body.splitlines():
+                if len(line) - len(indent) > CODE_COLUMNS:
+                    long_lines.append(f"{page.relative_to(ROOT)}: {line.strip()[:60]}")
+    assert not long_lines, f"lines over {CODE_COLUMNS} columns:\n" + "\n".join(long_lines)
+    css = (DOCS / "stylesheets" / "extra.css").read_text()
+    assert ".language-text pre > code" in css and "pre-wrap" in css
+    config = (ROOT / "mkdocs.yml").read_text()
+    assert "stylesheets/extra.css" in config and "pygments_lang_class: true" in config
