@@ -35,7 +35,8 @@ class GPUMemoryLogger(keras.callbacks.Callback):
     when asked, the callback reads each device's memory and writes it into
     `logs`, so `History`, `CSVLogger`, `TensorBoard` and the progress bar show
     it, whatever their place in the callback list: at the start of training the
-    logger moves itself to the front of `fit`'s callbacks. Per device ``i`` (its index in the framework):
+    logger moves itself to the front of `fit`'s callbacks. Per device ``i`` (its
+    index in the framework):
 
     - ``gpu{i}_current_mib``: in use now.
     - ``gpu{i}_peak_mib``: the most in use since the last reading. In epoch
