@@ -25,13 +25,21 @@ DIRECTIONS = ("right", "left", "down", "up")
 
 def make_clips(num: int, frames: int = 8, size: int = 24, seed: int = 0):
     """`num` clips of shape (frames, size, size, 1) and their direction labels (0-3)."""
+    # The square (up to 5 pixels) must be able to travel across the frames: at
+    # least 1 pixel a frame, 2 where there is room.
+    fastest = (size - 5) // max(frames - 1, 1)
+    if fastest < 1:
+        raise ValueError(
+            f"Invalid arguments for `make_clips`. Expected size >= frames + 4, so a "
+            f"square can move across the clip. Received: frames={frames}, size={size}"
+        )
     rng = np.random.default_rng(seed)
     clips = rng.normal(0.0, 0.15, size=(num, frames, size, size, 1)).astype("float32")
     labels = rng.integers(0, len(DIRECTIONS), size=num)
     moves = {0: (0, 1), 1: (0, -1), 2: (1, 0), 3: (-1, 0)}
     for i, label in enumerate(labels):
         side = int(rng.integers(3, 6))
-        speed = int(rng.integers(1, 3))
+        speed = min(int(rng.integers(1, 3)), fastest)
         travel = speed * (frames - 1)
         dy, dx = moves[int(label)]
         lo_y = travel if dy < 0 else 0
