@@ -22,7 +22,9 @@ from keras_parallel import _ops
 from keras_parallel._compat import IS_KERAS_3, keras
 
 __all__ = [
+    "STEP_METHODS",
     "all_sublayers",
+    "own_steps",
     "is_graph_model",
     "mask_of",
     "masked_input",
@@ -182,3 +184,17 @@ def run_parts(model, parts_inputs: list, call):
         flat = [dict.__getitem__(known[k], key) for key in keys]
         results.append(_ops.pack_sequence_as(structure, flat))
     return results
+
+
+#: The methods of `keras.Model` that `fit`, `evaluate` and `predict` call to make
+#: a step: a model class that defines its own trains, tests or predicts otherwise.
+STEP_METHODS = ("train_step", "test_step", "predict_step", "compute_loss", "compute_metrics")
+
+
+def own_steps(model, names=STEP_METHODS) -> list[str]:
+    """Which of `names` the class of `model` defines itself (not Keras's own)."""
+    return [
+        name
+        for name in names
+        if getattr(type(model), name, None) is not getattr(keras.Model, name, None)
+    ]

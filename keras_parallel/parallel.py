@@ -57,6 +57,19 @@ def _check_template(model):
             f"Invalid value for argument `model`. Expected a Keras model{hint}. "
             f"Received: model={model!r} of type {type(model).__name__}"
         )
+    own = _graph.own_steps(model)
+    if own:
+        raise ValueError(
+            f"Invalid value for argument `model`. Model {model.name!r} (class "
+            f"{type(model).__name__}) defines its own {', '.join(own)}. The parallel "
+            "model is a functional model of its own, which would train, evaluate and "
+            "predict with Keras's default steps instead, so DataParallel refuses it. "
+            "Expected a model that uses Keras's own steps. To keep your steps, put the "
+            "parallel model inside your class: `YourModel(keras_parallel.DataParallel"
+            "(inner))`, whose `call` calls it (see \"Models with their own train_step\" "
+            f"in the DataParallel docs). Received: model of type {type(model).__name__} "
+            f"with its own {', '.join(own)}"
+        )
     if not getattr(model, "inputs", None):
         raise ValueError(
             "Invalid value for argument `model`. Expected a model with known inputs (a "

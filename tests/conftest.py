@@ -35,6 +35,7 @@ BACKEND_NEUTRAL = {
     "test_batch_norm.py",
     "test_layout.py",
     "test_multi_worker_jax.py",
+    "test_own_steps.py",
     "test_resume.py",
 }
 

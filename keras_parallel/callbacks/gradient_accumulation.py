@@ -10,7 +10,7 @@ from keras_parallel._backend.common.accumulation import BatchNormPool
 from keras_parallel._backend.common.probes import state_bytes
 from keras_parallel._batch_norm import is_batch_norm, unsupported_reason
 from keras_parallel._compat import IS_KERAS_3, keras
-from keras_parallel._graph import all_sublayers
+from keras_parallel._graph import all_sublayers, own_steps
 from keras_parallel._warnings import warn
 from keras_parallel.callbacks._order import move_to_front
 from keras_parallel.layers.batch_slice import slice_sizes
@@ -213,6 +213,16 @@ class GradientAccumulation(keras.callbacks.Callback):
     # ------------------------------------------------------------------ train hooks
     def _validate_model(self, model) -> None:
         _backend.accumulation.check_supported()
+        if own_steps(model, ("train_step",)):
+            raise ValueError(
+                f"GradientAccumulation cannot run the train_step that model "
+                f"{model.name!r} (class {type(model).__name__}) defines: it trains with "
+                "a step of its own (forward, `compute_loss`, backward per micro-batch), "
+                "which would silently replace yours. Nothing was trained. Expected a "
+                "model that uses Keras's train_step; an extra loss term can go in "
+                "`compute_loss`, which the accumulated step calls. Received: "
+                f"{type(model).__name__}.train_step"
+            )
         if getattr(model, "optimizer", None) is None:
             raise ValueError(
                 "GradientAccumulation needs a compiled model. Expected a model with an "
