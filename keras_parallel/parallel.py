@@ -66,7 +66,7 @@ def _check_template(model):
             "predict with Keras's default steps instead, so DataParallel refuses it. "
             "Expected a model that uses Keras's own steps. To keep your steps, put the "
             "parallel model inside your class: `YourModel(keras_parallel.DataParallel"
-            "(inner))`, whose `call` calls it (see \"Models with their own train_step\" "
+            '(inner))`, whose `call` calls it (see "Models with their own train_step" '
             f"in the DataParallel docs). Received: model of type {type(model).__name__} "
             f"with its own {', '.join(own)}"
         )
