@@ -152,16 +152,8 @@ def _split_cpu(num_devices: int) -> list[str]:
         NotImplementedError: where the backend cannot have several CPU devices.
     """
     from keras_parallel import _backend
-    from keras_parallel.devices import split_cpu
 
-    if _backend.BACKEND == "jax":
-        return _backend.devices.set_cpu_device_count(num_devices)
-    if _backend.BACKEND == "torch" and num_devices > 1:
-        raise NotImplementedError(
-            "torch has one CPU device, /device:CPU:0: --cpus cannot split it. Run "
-            "without --cpus, or use the TensorFlow or JAX backend to try several devices."
-        )
-    return split_cpu(num_devices)
+    return _backend.devices.cpu_devices(num_devices)
 
 
 def _devices_command(args) -> int:
@@ -190,8 +182,11 @@ def _devices_command(args) -> int:
                 f"No GPU found: the CPU is split into {cpus} logical devices. They share "
                 "the same cores: use them to try multi-device runs, not for speed."
             )
-        elif _backend.BACKEND == "torch":
-            print("No GPU found: DataParallel runs on the CPU (torch has one CPU device).")
+        elif not _backend.devices.CAN_SPLIT_CPU:
+            print(
+                f"No GPU found: DataParallel runs on the CPU ({_backend.BACKEND} has one "
+                "CPU device)."
+            )
         else:
             print(
                 "No GPU found: DataParallel runs on the CPU. `--cpus N` splits it into N "

@@ -11,7 +11,6 @@ accuracy, where the files went, and a reload check.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import time
@@ -75,31 +74,8 @@ def _split_cpu_if_no_gpu() -> bool:
     the mechanics, not speed.
     """
     from keras_parallel import _backend
-    from keras_parallel.devices import list_devices, split_cpu
 
-    if _backend.BACKEND == "torch":
-        return False
-    if _backend.BACKEND == "jax":
-        flags = os.environ.get("XLA_FLAGS", "")
-        if "collective_call_terminate_timeout" not in flags:
-            # The host devices' all-reduce aborts the process when one device's
-            # thread is 40 s late (XLA's default), as on a busy laptop it can be.
-            os.environ["XLA_FLAGS"] = (
-                f"{flags} --xla_cpu_collective_call_terminate_timeout_seconds=600".strip()
-            )
-        with contextlib.suppress(RuntimeError):  # started earlier: use what it has
-            _backend.devices.set_cpu_device_count(2)
-        return not list_devices("GPU") and len(list_devices("CPU")) > 1
-
-    import tensorflow as tf
-
-    if tf.config.list_physical_devices("GPU"):
-        return False
-    try:
-        split_cpu(2)
-    except RuntimeError:  # TensorFlow started earlier in this process: use what it has
-        return len(list_devices("CPU")) > 1
-    return True
+    return _backend.devices.stand_in_cpus(2)
 
 
 def run(args) -> int:
@@ -165,7 +141,7 @@ def run(args) -> int:
         # host's memory only).
         GPUMemoryLogger(
             plot_path=plot_path,
-            devices=devices if _backend.BACKEND == "tensorflow" else None,
+            devices=devices if _backend.memory.CPU_FIGURES else None,
         ),
     ]
     start = time.perf_counter()

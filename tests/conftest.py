@@ -57,7 +57,10 @@ else:
         if "xla_cpu_collective_call_terminate_timeout_seconds" not in flags:
             # The host devices' all-reduce aborts the process when one device's
             # thread is 40 s late (XLA's default): on a busy 2-core CI machine it can be.
-            flags += " --xla_cpu_collective_call_terminate_timeout_seconds=600"
+            # (jaxlib 0.8 and later; earlier ones abort on a flag they do not know.)
+            from keras_parallel._backend.jax.devices import collective_timeout_flag
+
+            flags += " " + collective_timeout_flag()
         os.environ["XLA_FLAGS"] = flags.strip()
 
     def pytest_ignore_collect(collection_path, config):

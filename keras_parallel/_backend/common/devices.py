@@ -12,14 +12,20 @@ import re
 from keras_parallel._compat import backend_name, keras
 
 __all__ = [
+    "CAN_SPLIT_CPU",
     "EAGER_STEPS",
     "canonical_device_name",
     "computed_rows",
+    "cpu_devices",
     "device_scope",
     "list_devices",
     "move_to",
     "split_cpu",
+    "stand_in_cpus",
 ]
+
+#: Whether the CPU can be made several devices (`cpu_devices`): not here.
+CAN_SPLIT_CPU = False
 
 #: Whether `fit` runs the model's Python on every step (no traced or compiled
 #: step): then each layer call costs every step, and DataParallel over one device
@@ -76,6 +82,30 @@ def split_cpu(num_devices: int, backend: str | None = None, hint: str = "") -> l
         "split_cpu() splits TensorFlow's CPU device, so it needs the TensorFlow "
         f"backend; the Keras backend here is {backend!r}.{hint}"
     )
+
+
+def cpu_devices(num_devices: int, backend: str | None = None) -> list[str]:
+    """The CPU as `num_devices` devices, as this backend allows (`--cpus N`): one, here.
+
+    Raises:
+        NotImplementedError: for more than one device.
+    """
+    backend = backend or backend_name()
+    if num_devices > 1:
+        raise NotImplementedError(
+            f"{backend} has one CPU device, /device:CPU:0: --cpus cannot split it. Run "
+            "without --cpus, or use the TensorFlow or JAX backend to try several devices."
+        )
+    return ["/device:CPU:0"]
+
+
+def stand_in_cpus(num_devices: int) -> bool:
+    """Makes the CPU `num_devices` devices where there is no GPU; True if it did.
+
+    For a run that should show several devices on any machine (the demo). Here
+    the CPU is one device: never.
+    """
+    return False
 
 
 def device_scope(name: str):

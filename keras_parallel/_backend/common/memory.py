@@ -9,7 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 
-__all__ = ["MIB", "MemoryReading", "MemorySource", "default_source", "memory_limit"]
+__all__ = [
+    "CPU_FIGURES",
+    "MIB",
+    "MemoryReading",
+    "MemorySource",
+    "default_source",
+    "memory_limit",
+]
+
+#: Whether the allocator keeps figures for a CPU device: not here.
+CPU_FIGURES = False
 
 MIB = 2**20
 

@@ -7,18 +7,45 @@ from keras_parallel._backend.common.devices import EAGER_STEPS, list_devices
 from keras_parallel._compat import keras
 
 __all__ = [
+    "CAN_SPLIT_CPU",
     "EAGER_STEPS",
     "backend_device_name",
+    "collective_timeout_flag",
     "computed_rows",
+    "cpu_devices",
     "device_scope",
     "jax_device",
     "list_devices",
     "move_to",
     "set_cpu_device_count",
     "split_cpu",
+    "stand_in_cpus",
 ]
 
+#: Whether the CPU can be made several devices: host devices, before JAX starts.
+CAN_SPLIT_CPU = True
+
 _HINT = " On JAX, set XLA_FLAGS=--xla_force_host_platform_device_count=N before JAX starts instead."
+
+
+def collective_timeout_flag(seconds: int = 600) -> str:
+    """The XLA flag that gives the host devices' collectives `seconds` to meet, or "".
+
+    A CPU all-reduce aborts the process when one device's thread is 40 s late
+    (XLA's default), as on a busy laptop or a 2-core CI machine it can be. jaxlib
+    0.8.0 and later take the flag; earlier ones abort on any flag they do not know,
+    so there it is "" (and the 40 s stay).
+    """
+    from importlib import metadata
+
+    try:
+        version = metadata.version("jaxlib")
+    except metadata.PackageNotFoundError:
+        return ""
+    major, minor = (int(part) for part in version.split(".")[:2])
+    if (major, minor) < (0, 8):
+        return ""
+    return f"--xla_cpu_collective_call_terminate_timeout_seconds={seconds}"
 
 
 def backend_device_name(name: str) -> str:
@@ -108,3 +135,34 @@ def set_cpu_device_count(num_devices: int) -> list[str]:
                 "before the program starts."
             ) from None
     return [f"/device:CPU:{i}" for i in range(num_devices)]
+
+
+def cpu_devices(num_devices: int) -> list[str]:
+    """JAX's CPU as `num_devices` host devices (`--cpus N`), before JAX starts.
+
+    Also gives their collectives time to meet (`collective_timeout_flag`), when
+    JAX has not started yet.
+
+    Raises:
+        RuntimeError: when JAX has started with another number of CPU devices.
+    """
+    import os
+
+    flags = os.environ.get("XLA_FLAGS", "")
+    timeout = collective_timeout_flag()
+    if timeout and "collective_call_terminate_timeout" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {timeout}".strip()
+    return set_cpu_device_count(num_devices)
+
+
+def stand_in_cpus(num_devices: int) -> bool:
+    """Makes JAX's CPU `num_devices` host devices where there is no GPU; True if so.
+
+    When JAX has started already, uses what it has: True when that is several
+    CPU devices and no GPU.
+    """
+    try:
+        cpu_devices(num_devices)
+    except RuntimeError:  # started earlier: use what it has
+        pass
+    return not list_devices("GPU") and len(list_devices("CPU")) > 1

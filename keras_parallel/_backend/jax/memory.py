@@ -5,7 +5,10 @@ from __future__ import annotations
 from keras_parallel._backend.common.devices import canonical_device_name
 from keras_parallel._backend.common.memory import MemoryReading, MemorySource
 
-__all__ = ["JaxSource", "default_source", "memory_limit"]
+__all__ = ["CPU_FIGURES", "JaxSource", "default_source", "memory_limit"]
+
+#: Whether the allocator keeps figures for a CPU device: JAX keeps none.
+CPU_FIGURES = False
 
 
 class JaxSource(MemorySource):

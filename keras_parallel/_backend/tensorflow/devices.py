@@ -7,14 +7,20 @@ import tensorflow as tf
 from keras_parallel._backend.common.devices import EAGER_STEPS, computed_rows, move_to
 
 __all__ = [
+    "CAN_SPLIT_CPU",
     "EAGER_STEPS",
     "computed_rows",
+    "cpu_devices",
     "device_scope",
     "list_devices",
     "move_to",
     "list_logical_devices",
     "split_cpu",
+    "stand_in_cpus",
 ]
+
+#: Whether the CPU can be made several devices: logical CPUs (`split_cpu`).
+CAN_SPLIT_CPU = True
 
 
 def list_logical_devices(device_type: str | None = None) -> list[str]:
@@ -48,6 +54,26 @@ def split_cpu(num_devices: int) -> list[str]:
                 "before anything creates a tensor or a model or lists TensorFlow's devices."
             ) from None
     return [f"/device:CPU:{i}" for i in range(num_devices)]
+
+
+def cpu_devices(num_devices: int) -> list[str]:
+    """The CPU as `num_devices` logical devices (`--cpus N`): `split_cpu`."""
+    return split_cpu(num_devices)
+
+
+def stand_in_cpus(num_devices: int) -> bool:
+    """Splits the CPU into `num_devices` logical devices where there is no GPU; True if so.
+
+    When TensorFlow has started its devices already, uses what it has: True when
+    that is several CPU devices.
+    """
+    if tf.config.list_physical_devices("GPU"):
+        return False
+    try:
+        split_cpu(num_devices)
+    except RuntimeError:  # started earlier in this process: use what it has
+        return len(tf.config.list_logical_devices("CPU")) > 1
+    return True
 
 
 def device_scope(name: str):

@@ -28,6 +28,7 @@ from keras_parallel._backend.common.nvml import nvml_total_bytes
 from keras_parallel._backend.tensorflow.devices import list_logical_devices
 
 __all__ = [
+    "CPU_FIGURES",
     "TensorFlowSource",
     "cpu_allocator_is_bfc",
     "default_source",
@@ -37,6 +38,10 @@ __all__ = [
     "memory_limit",
     "reset_memory_stats",
 ]
+
+#: Whether the allocator keeps figures for a CPU device: with the BFC allocator
+#: (`TF_CPU_ALLOCATOR_USE_BFC=true`, which the demo sets).
+CPU_FIGURES = True
 
 
 def _short(name: str) -> str:

@@ -10,18 +10,29 @@ from __future__ import annotations
 import torch
 
 from keras_parallel._backend.common import devices as _common
-from keras_parallel._backend.common.devices import computed_rows, move_to
+from keras_parallel._backend.common.devices import (
+    computed_rows,
+    cpu_devices,
+    move_to,
+    stand_in_cpus,
+)
 from keras_parallel._compat import keras
 
 __all__ = [
+    "CAN_SPLIT_CPU",
     "EAGER_STEPS",
     "backend_device_name",
     "computed_rows",
+    "cpu_devices",
     "device_scope",
     "list_devices",
     "move_to",
     "split_cpu",
+    "stand_in_cpus",
 ]
+
+#: Whether the CPU can be made several devices: torch has one CPU device.
+CAN_SPLIT_CPU = False
 
 #: torch runs `fit`'s steps eagerly: the model's Python runs on every step.
 EAGER_STEPS = True
