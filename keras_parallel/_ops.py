@@ -131,33 +131,32 @@ if IS_KERAS_3:
         return outputs, loss
 
 else:
-    from keras_parallel._backend.tensorflow.ops import (  # noqa: F401
-        add_n,
-        batch_normalization,
-        batch_size,
-        broadcast_like,
-        cast,
-        ceil_boundary,
-        concatenate,
-        cond,
-        constant,
-        count_over,
-        dtype_name,
-        empty_rows,
-        expand_last,
-        flatten,
-        greater,
-        map_structure,
-        maximum,
-        min_of,
-        pack_sequence_as,
-        reshape,
-        slice_rows,
-        static_shape,
-        sum_over,
-        where_positive,
-        zero_loss,
-    )
+    # tf-keras: the TensorFlow backend's helpers, through the backend seam.
+    add_n = _backend.ops.add_n
+    batch_normalization = _backend.ops.batch_normalization
+    batch_size = _backend.ops.batch_size
+    broadcast_like = _backend.ops.broadcast_like
+    cast = _backend.ops.cast
+    ceil_boundary = _backend.ops.ceil_boundary
+    concatenate = _backend.ops.concatenate
+    cond = _backend.ops.cond
+    constant = _backend.ops.constant
+    count_over = _backend.ops.count_over
+    dtype_name = _backend.ops.dtype_name
+    empty_rows = _backend.ops.empty_rows
+    expand_last = _backend.ops.expand_last
+    flatten = _backend.ops.flatten
+    greater = _backend.ops.greater
+    map_structure = _backend.ops.map_structure
+    maximum = _backend.ops.maximum
+    min_of = _backend.ops.min_of
+    pack_sequence_as = _backend.ops.pack_sequence_as
+    reshape = _backend.ops.reshape
+    slice_rows = _backend.ops.slice_rows
+    static_shape = _backend.ops.static_shape
+    sum_over = _backend.ops.sum_over
+    where_positive = _backend.ops.where_positive
+    zero_loss = _backend.ops.zero_loss
 
     def call_on_local_values(layer, args, kwargs):  # pragma: no cover - Keras 3 only
         raise NotImplementedError("call_on_local_values needs keras.StatelessScope (Keras 3)")

@@ -10,14 +10,11 @@ accuracy, where the files went, and a reload check.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 
 import numpy as np
-
-from keras_parallel_cli import add_demo_arguments
 
 DIRECTIONS = ("right", "left", "down", "up")
 
@@ -176,11 +173,7 @@ def run(args) -> int:
     return 0 if same else 1
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="keras-parallel demo", description=__doc__)
-    add_demo_arguments(parser)  # the command line's own definition: one place
-    return run(parser.parse_args(argv))
+if __name__ == "__main__":  # `python -m keras_parallel.demo`: `keras-parallel demo`
+    from keras_parallel_cli import main
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["demo", *sys.argv[1:]]))

@@ -32,6 +32,7 @@ All figures are bytes; `MIB` (2**20) converts them to MiB.
 from __future__ import annotations
 
 from keras_parallel import _backend
+from keras_parallel._backend import JaxSource, TorchSource
 from keras_parallel._backend.common.devices import canonical_device_name
 from keras_parallel._backend.common.host import HostSource
 from keras_parallel._backend.common.memory import MIB, MemoryReading, MemorySource
@@ -41,8 +42,6 @@ from keras_parallel._backend.common.nvml import (
     nvml_total_bytes,
     parse_cuda_visible_devices,
 )
-from keras_parallel._backend.jax.memory import JaxSource
-from keras_parallel._backend.torch.memory import TorchSource
 
 __all__ = [
     "MIB",
@@ -64,9 +63,7 @@ def __getattr__(name: str):
     # `keras_parallel.memory.TensorFlowSource` imports TensorFlow, so only when it is
     # asked for (and it is not in __all__: a star import must not need TensorFlow).
     if name == "TensorFlowSource":
-        from keras_parallel._backend.tensorflow.memory import TensorFlowSource
-
-        return TensorFlowSource
+        return _backend.tensorflow_source_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

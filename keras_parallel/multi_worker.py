@@ -22,8 +22,7 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
-
+from keras_parallel import _backend
 from keras_parallel._compat import IS_KERAS_3, backend_name, keras
 
 __all__ = ["check_fit_supported", "cluster_resolver", "is_multi_worker", "strategy"]
@@ -259,9 +258,9 @@ def check_fit_supported(model) -> None:
     model.fit(dataset)
     ```
     """
-    if IS_KERAS_3 and backend_name() == "jax":
-        _check_jax_fit_supported(model)
-        return
+    replicas_layer = getattr(model, "_replicas_layer", None)
+    # The backend's own conditions (JAX: a keras.distribution's mesh and split).
+    _backend.replicas.check_fit_supported(replicas_layer() if callable(replicas_layer) else None)
     if not IS_KERAS_3 or backend_name() != "tensorflow":
         return
     _refuse_keras_3_fit(getattr(model, "distribute_strategy", None), "`fit`")
@@ -296,37 +295,3 @@ def _check_scope_supported(what: str) -> None:
     tf = _tensorflow()
     if tf.distribute.has_strategy():
         _refuse_keras_3_fit(tf.distribute.get_strategy(), what)
-
-
-def _check_jax_fit_supported(model) -> None:
-    """On JAX under a `keras.distribution`: DataParallel's devices and split fit the mesh.
-
-    The step is one program over the distribution's mesh, so a DataParallel
-    model over several devices must use all of this process's devices in it,
-    and every process must cut its rows alike: checked here, before `fit` reads
-    any data (with several processes, by comparing the processes' splits).
-    """
-    from keras_parallel._backend.jax.replicas import batch_layout, check_distributed_replicas
-
-    if batch_layout() is None:
-        return
-    replicas_layer = getattr(model, "_replicas_layer", None)
-    replicas = replicas_layer() if callable(replicas_layer) else None
-    if replicas is None or replicas.num_replicas <= 1:
-        return
-    check_distributed_replicas(replicas.placement)
-    import jax
-
-    if jax.process_count() <= 1:
-        return
-    from jax.experimental import multihost_utils
-
-    ratios = np.asarray(replicas.ratios, dtype=np.float64)
-    every = np.asarray(multihost_utils.process_allgather(ratios))
-    if every.shape[0] != jax.process_count() or not np.all(every == every[0]):
-        raise ValueError(
-            "On several JAX processes every process must split its rows alike (the "
-            "step is one program over all of them). Expected the same `split` on "
-            f"every process. Received: split ratios {every.tolist()} (one row per "
-            f"process; this is process {jax.process_index()})"
-        )

@@ -7,7 +7,7 @@ import inspect
 import warnings
 
 from keras_parallel import _backend
-from keras_parallel._compat import IS_KERAS_3, backend_name, keras, register
+from keras_parallel._compat import IS_KERAS_3, keras, register
 from keras_parallel._warnings import warn
 from keras_parallel.layers.parallel_replicas import ParallelReplicas
 from keras_parallel.multi_worker import check_fit_supported
@@ -100,50 +100,25 @@ class ParallelModel(keras.Model):
     def compile(self, *args, **kwargs):
         bound = inspect.signature(super().compile).bind_partial(*args, **kwargs)
         jit = bound.arguments.get("jit_compile", "auto" if IS_KERAS_3 else None)
-        if backend_name() == "tensorflow":
-            if jit is True:
-                warn(
-                    "DataParallel model: `jit_compile=True` is turned off. XLA compiles "
-                    "the whole training step for one device and ignores where each "
-                    "slice is placed, so every slice would run on one device (the "
-                    "out-of-memory DataParallel exists to avoid). Training runs "
-                    "without XLA, each slice on its own device.",
-                )
-                bound.arguments["jit_compile"] = False
-            elif jit == "auto":
-                bound.arguments["jit_compile"] = False
-        elif backend_name() == "jax":
-            bound.arguments["jit_compile"] = self._jax_jit_compile(jit)
-        return super().compile(*bound.args, **bound.kwargs)
-
-    def _jax_jit_compile(self, jit):
-        """JAX: no jitted step where slices differ (each device runs its own rows).
-
-        Without a `keras.distribution`, an unequal split (or devices of different
-        kinds) runs one program per device, dispatched from an unjitted step:
-        `jit_compile="auto"` resolves to False. An explicit `jit_compile=True`
-        keeps one SPMD program over a mesh, every slice padded to the largest
-        (devices of different kinds cannot form one: turned off, with a warning).
-        """
-        from keras_parallel._backend.jax.replicas import (
-            batch_layout,
-            needs_per_device,
-            platforms_differ,
-        )
-
         core = self._replicas_layer()
-        if core is None or not needs_per_device(core.placement, core.ratios):
-            return jit
-        if batch_layout() is not None:
-            return jit  # a keras.distribution's step is one program over its mesh
-        if jit is True and platforms_differ(core.placement):
+        resolved, why = _backend.replicas.compile_jit(core, jit)
+        if why == "xla_drops_placement":
+            warn(
+                "DataParallel model: `jit_compile=True` is turned off. XLA compiles "
+                "the whole training step for one device and ignores where each "
+                "slice is placed, so every slice would run on one device (the "
+                "out-of-memory DataParallel exists to avoid). Training runs "
+                "without XLA, each slice on its own device.",
+            )
+        elif why == "platforms_differ":
             warn(
                 "DataParallel model: `jit_compile=True` is turned off. The devices "
                 f"{core.placement} are of different kinds, which one jitted (SPMD) "
                 "program cannot span; each device runs its own program instead.",
             )
-            return False
-        return False if jit == "auto" else jit
+        if resolved != jit or "jit_compile" in bound.arguments:
+            bound.arguments["jit_compile"] = resolved
+        return super().compile(*bound.args, **bound.kwargs)
 
     def fit(self, *args, **kwargs):
         # Keras 3 fails inside its own fit on several workers: say so first, before

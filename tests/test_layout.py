@@ -1,5 +1,9 @@
 """The package's layout: one backend seam, imports that point one way, no cycles.
 
+- Outside ``keras_parallel/_backend/`` (the package and ``keras_parallel_cli.py``),
+  no module imports a backend's modules or compares the backend with a backend's
+  name: they ask ``keras_parallel._backend`` (one exception, named below).
+
 - Public modules -> ``keras_parallel._backend`` (the dispatcher) -> ``_backend/common``:
   a module under ``_backend/`` never imports a public keras_parallel module, and
   ``_backend/common`` imports no backend folder and no framework.
@@ -35,10 +39,21 @@ def _module_name(path: Path) -> str:
 
 
 MODULES = {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+MODULES["keras_parallel_cli"] = ROOT / "keras_parallel_cli.py"  # the command line, on top
 
 
 def _is_package(name: str) -> bool:
     return MODULES.get(name, Path()).name == "__init__.py"
+
+
+def _is_main_block(node) -> bool:
+    """`if __name__ == "__main__":`."""
+    return (
+        isinstance(node, ast.If)
+        and isinstance(node.test, ast.Compare)
+        and isinstance(node.test.left, ast.Name)
+        and node.test.left.id == "__name__"
+    )
 
 
 def _imports(path: Path, top_level_only: bool) -> list[tuple[int, str]]:
@@ -57,6 +72,8 @@ def _imports(path: Path, top_level_only: bool) -> list[tuple[int, str]]:
         for child in ast.iter_child_nodes(node):
             if top_level_only and isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef):
                 continue
+            if _is_main_block(child):
+                continue  # run as a script, not imported: not part of the import graph
             if isinstance(child, ast.Import):
                 found.extend((child.lineno, alias.name) for alias in child.names)
             elif isinstance(child, ast.ImportFrom):
@@ -117,6 +134,87 @@ def test_common_imports_no_backend_and_no_framework_at_import(path):
         if module.split(".")[0] in heavy
     ]
     assert not bad, f"{path.relative_to(ROOT)}: {bad}"
+
+
+# -- one seam: backend decisions live under _backend/ ------------------------------
+
+BACKEND_NAMES = {"tensorflow", "jax", "torch"}
+#: Every module outside the seam: the package's own and the command line.
+OUTSIDE_SEAM = [p for p in sorted(PACKAGE.rglob("*.py")) if BACKEND not in p.parents] + [
+    ROOT / "keras_parallel_cli.py"
+]
+#: The one module allowed to name a backend, and why: `keras_parallel.multi_worker`
+#: is TensorFlow's MultiWorkerMirroredStrategy by definition; its checks refuse
+#: other backends (and Keras 3, which cannot fit there) before anything runs.
+NAMES_A_BACKEND = {"keras_parallel/multi_worker.py"}
+
+
+def _names_backend(node) -> bool:
+    """`backend_name()`, `BACKEND` or `_backend.BACKEND`: the expression that names one."""
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name | ast.Attribute):
+        func = node.func
+        return (func.id if isinstance(func, ast.Name) else func.attr) == "backend_name"
+    if isinstance(node, ast.Name):
+        return node.id == "BACKEND"
+    return isinstance(node, ast.Attribute) and node.attr == "BACKEND"
+
+
+def _backend_checks(path: Path) -> list[str]:
+    """Lines of `path` that compare the backend with a backend's name."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if not isinstance(node, ast.Compare):
+            continue
+        sides = [node.left, *node.comparators]
+        named = any(_names_backend(side) for side in sides)
+        literal = [
+            side.value
+            for side in ast.walk(node)
+            if isinstance(side, ast.Constant) and isinstance(side.value, str)
+        ]
+        if named and BACKEND_NAMES & set(literal):
+            found.append(f"line {node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+@pytest.mark.parametrize("path", OUTSIDE_SEAM, ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_backend_decision_outside_the_seam(path):
+    """No module outside _backend/ imports a backend's modules or tests a backend's name."""
+    relative = str(path.relative_to(ROOT))
+    imports = [
+        f"line {line}: {module}"
+        for line, module in _imports(path, top_level_only=False)
+        if module.startswith(tuple(f"keras_parallel._backend.{b}" for b in BACKEND_NAMES))
+    ]
+    checks = [] if relative in NAMES_A_BACKEND else _backend_checks(path)
+    assert not imports and not checks, (
+        f"{relative} decides by backend outside keras_parallel/_backend/ (ask the "
+        f"backend's modules through keras_parallel._backend instead): {imports + checks}"
+    )
+
+
+def test_the_seam_check_finds_a_backend_check(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text(
+        "from keras_parallel._compat import backend_name\n"
+        "if backend_name() == 'jax':\n    pass\n"
+        "if _backend.BACKEND in ('torch', 'x'):\n    pass\n"
+        "if other == 'jax':\n    pass\n"
+    )
+    assert [c.split(":")[0] for c in _backend_checks(sample)] == ["line 2", "line 4"]
+
+
+def test_every_backend_has_every_seam_module():
+    """The dispatcher gives every backend the same modules (a backend's own, or common's)."""
+    from keras_parallel import _backend
+
+    for name in ("devices", "memory", "probes", "accumulation", "replicas"):
+        assert getattr(_backend, name) is not None, name
+    for name in ("cpu_devices", "stand_in_cpus", "CAN_SPLIT_CPU"):
+        assert hasattr(_backend.devices, name), name
+    assert hasattr(_backend.memory, "CPU_FIGURES")
+    for name in ("call", "compile_jit", "check_fit_supported", "MASKS_READABLE", "SUPPORTS_JIT"):
+        assert hasattr(_backend.replicas, name), name
 
 
 def _cycle(top_level_only: bool) -> list[str] | None:

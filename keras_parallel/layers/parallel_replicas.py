@@ -6,7 +6,7 @@ import copy
 import types
 
 from keras_parallel import _backend, _batch_norm, _graph, _ops
-from keras_parallel._compat import backend_name, keras, register
+from keras_parallel._compat import keras, register
 from keras_parallel._validation import validate_batch_norm, validate_ratios
 from keras_parallel._warnings import warn
 from keras_parallel.devices import canonical_device_name, device_scope, remap_missing_devices
@@ -61,7 +61,8 @@ def _batch_norm_reach(model):
     def visit(layer) -> bool:
         if _batch_norm.is_batch_norm(layer):
             reason = _batch_norm.unsupported_reason(layer)
-            if reason is None and backend_name() == "jax" and _graph.masked_input(layer):
+            masks_unreadable = not _backend.replicas.MASKS_READABLE
+            if reason is None and masks_unreadable and _graph.masked_input(layer):
                 # JAX arrays carry no Keras mask where keras_parallel could read it.
                 reason = "a Keras mask reaches it, which keras_parallel cannot read on JAX"
             if reason is None:
@@ -221,7 +222,7 @@ class ParallelReplicas(keras.layers.Wrapper):
         # Keras 3 on TensorFlow compiles the whole step with XLA by default where a
         # GPU exists (`jit_compile="auto"`), and XLA drops the placement of the
         # slices: this layer does not support it, so "auto" resolves to no XLA.
-        if backend_name() == "tensorflow":
+        if not _backend.replicas.SUPPORTS_JIT:
             self.supports_jit = False
         self._global_batch_norms, self._walked_models, missed = _batch_norm_reach(layer)
         if batch_norm == "global" and missed and len(resolved) > 1:
@@ -509,10 +510,9 @@ class ParallelReplicas(keras.layers.Wrapper):
         return results
 
     def call(self, inputs, training=None):
-        if backend_name() == "jax" and self.num_replicas > 1:
-            if not self._per_device_here(inputs):
-                return self._sharded_call(inputs, training)
-            outputs, loss = self._per_device_call(inputs, training)
+        own = _backend.replicas.call(self, inputs, training)  # the backend's own way
+        if own is not None:
+            outputs, loss = own
             if loss is not None:
                 self.add_loss(loss)
             return outputs
@@ -532,30 +532,16 @@ class ParallelReplicas(keras.layers.Wrapper):
             self.add_loss(loss)
         return outputs
 
-    def _per_device_here(self, inputs) -> bool:
-        """JAX: whether this call runs one program per device (else one SPMD program).
-
-        Per device where placement holds: outside a jitted step (DataParallel
-        compiles an unequal split with `jit_compile=False` on JAX), without a
-        `keras.distribution`, on a batch of known rows.
-        """
-        from keras_parallel._backend.jax.replicas import batch_layout, is_traced
-
-        batch = _ops.batch_size(_ops.flatten(inputs)[0])
-        return isinstance(batch, int) and not is_traced(inputs) and batch_layout() is None
-
-    def _per_device_call(self, inputs, training):
+    def _per_device_call(self, inputs, training, slice_calls):
         """JAX, outside a jitted step: each device's slice as programs on that device.
 
         Each device computes and holds only its own rows (no padding); empty
         slices are left out. With reachable BatchNormalization layers in
         training the template runs layer by layer (one program per layer and
         device), the moments summed across the devices; else the template is
-        one program per device. Returns (outputs on the merge device, summed
-        losses).
+        one program per device. `slice_calls` is the backend's `SliceCalls`.
+        Returns (outputs on the merge device, summed losses).
         """
-        from keras_parallel._backend.jax.replicas import SliceCalls
-
         batch = _ops.batch_size(_ops.flatten(inputs)[0])
         sizes = self.slice_sizes(batch)
         starts = [sum(sizes[:k]) for k in range(len(sizes))]
@@ -565,7 +551,7 @@ class ParallelReplicas(keras.layers.Wrapper):
             for k in live
         ]
         devices = [self.placement[k] for k in live]
-        calls = SliceCalls(self._device_programs.by_layer)
+        calls = slice_calls(self._device_programs.by_layer)
         if self._walks(training):
             results = self._walk(pieces, devices, training, batch, calls=calls)
         else:
@@ -578,17 +564,16 @@ class ParallelReplicas(keras.layers.Wrapper):
         calls.finish()
         return self._merge(results)
 
-    def _sharded_call(self, inputs, training):
+    def _sharded_call(self, inputs, training, sharded_call, batch_layout):
         """JAX: one call of the template, each device's slice sharded onto it.
 
         Each device's slice is a block of the largest slice's rows (padded). With
         BatchNormalization in training, where padding rows would enter the
         moments (an unequal split) or where each slice must keep its own
         (`batch_norm="per_slice"`), the template runs layer by layer and its
-        BatchNormalization layers weigh the padding rows 0.
+        BatchNormalization layers weigh the padding rows 0. `sharded_call` and
+        `batch_layout` are the backend's.
         """
-        from keras_parallel._backend.jax.replicas import batch_layout, sharded_call
-
         kwargs = {} if training is None else {"training": training}
         batch = _ops.batch_size(_ops.flatten(inputs)[0])
         if not isinstance(batch, int) or batch == 0:

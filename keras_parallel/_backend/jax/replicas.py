@@ -42,9 +42,14 @@ from keras_parallel._backend.jax.devices import device_scope, jax_device, move_t
 from keras_parallel._compat import keras
 
 __all__ = [
+    "MASKS_READABLE",
+    "SUPPORTS_JIT",
     "SliceCalls",
     "batch_layout",
+    "call",
     "check_distributed_replicas",
+    "check_fit_supported",
+    "compile_jit",
     "is_traced",
     "jax_device",
     "move_to",
@@ -54,6 +59,12 @@ __all__ = [
 ]
 
 _AXIS = "replicas"
+
+#: JAX arrays carry no Keras mask where keras_parallel could read it.
+MASKS_READABLE = False
+
+#: An even split keeps one jitted (SPMD) program over a mesh of the devices.
+SUPPORTS_JIT = True
 
 
 def _mesh(devices):
@@ -351,3 +362,66 @@ class SliceCalls:
             variable.assign(value)
         self._final.clear()
         self._chained.clear()
+
+
+# -- the seam: what DataParallel asks of this backend ----------------------------
+
+
+def call(core, inputs, training):
+    """Runs the replicas of `core` (a `ParallelReplicas` layer) on JAX; (outputs, loss).
+
+    Outside a jitted step, without a `keras.distribution`, on a batch of known
+    rows: one program per device on its own rows (`core._per_device_call` with
+    `SliceCalls`). Else one call sharded over a mesh (`core._sharded_call`).
+    """
+    if core.num_replicas <= 1:
+        return None
+    batch = keras.tree.flatten(inputs)[0].shape[0]
+    if isinstance(batch, int) and not is_traced(inputs) and batch_layout() is None:
+        return core._per_device_call(inputs, training, SliceCalls)
+    return core._sharded_call(inputs, training, sharded_call, batch_layout), None
+
+
+def compile_jit(core, jit):
+    """No jitted step where slices differ (each device runs its own rows).
+
+    Without a `keras.distribution`, an unequal split (or devices of different
+    kinds) runs one program per device, dispatched from an unjitted step:
+    `jit_compile="auto"` resolves to False. An explicit `jit_compile=True`
+    keeps one SPMD program over a mesh, every slice padded to the largest
+    (devices of different kinds cannot form one: turned off, why
+    "platforms_differ").
+    """
+    if core is None or not needs_per_device(core.placement, core.ratios):
+        return jit, None
+    if batch_layout() is not None:
+        return jit, None  # a keras.distribution's step is one program over its mesh
+    if jit is True and platforms_differ(core.placement):
+        return False, "platforms_differ"
+    return (False if jit == "auto" else jit), None
+
+
+def check_fit_supported(core) -> None:
+    """Under a `keras.distribution`: DataParallel's devices and split fit the mesh.
+
+    The step is one program over the distribution's mesh, so a DataParallel
+    model over several devices must use all of this process's devices in it,
+    and every process must cut its rows alike: checked before `fit` reads any
+    data (with several processes, by comparing the processes' splits).
+    """
+    if batch_layout() is None or core is None or core.num_replicas <= 1:
+        return
+    check_distributed_replicas(core.placement)
+    if jax.process_count() <= 1:
+        return
+    from jax.experimental import multihost_utils
+
+    ratios = np.asarray(core.ratios, dtype=np.float64)
+    every = np.asarray(multihost_utils.process_allgather(ratios))
+    if every.shape[0] != jax.process_count() or not np.all(every == every[0]):
+        raise ValueError(
+            "On several JAX processes every process must split its rows alike (the "
+            "step is one program over all of them). Expected the same `split` on "
+            f"every process. Received: split ratios {every.tolist()} (one row per "
+            f"process; this is process {jax.process_index()})"
+        )
