@@ -121,11 +121,22 @@ def set_cpu_device_count(num_devices: int) -> list[str]:
     Raises:
         RuntimeError: when JAX has started with another number of CPU devices.
     """
+    import os
+    import re
+
     import jax
 
     try:
         jax.config.update("jax_num_cpu_devices", num_devices)
     except (AttributeError, RuntimeError, ValueError):  # started, or no such option
+        # A JAX without jax_num_cpu_devices (0.4.30 has none): the XLA flag, read when JAX
+        # starts. If it has started already, the count below tells.
+        flags = re.sub(
+            r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", "")
+        )
+        os.environ["XLA_FLAGS"] = (
+            f"{flags} --xla_force_host_platform_device_count={num_devices}".strip()
+        )
         started = len(jax.devices("cpu"))
         if started != num_devices:
             raise RuntimeError(
