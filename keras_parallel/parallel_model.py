@@ -59,12 +59,14 @@ class ParallelModel(keras.Model):
         **kwargs: base model keyword arguments.
     """
 
-    # Keras serializes a functional subclass only when its constructor has the
-    # functional signature, which differs between Keras 3 and tf-keras.
+    # Keras revives a functional subclass as functional only when its constructor
+    # has the functional signature. Keras 3 takes (inputs, outputs, name, **kwargs)
+    # in 3.15 and, before it, `*args, **kwargs` (its Functional constructor is
+    # wrapped): the `*args, **kwargs` form passes both checks. tf-keras has its own.
     if IS_KERAS_3:
 
-        def __init__(self, inputs, outputs, name=None, **kwargs):
-            super().__init__(inputs, outputs, name=name, **kwargs)
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
 
     else:
 

@@ -63,11 +63,19 @@ else:
             flags += " " + collective_timeout_flag()
         os.environ["XLA_FLAGS"] = flags.strip()
 
-    def pytest_ignore_collect(collection_path, config):
-        name = collection_path.name
-        if name.startswith("test_") and name.endswith(".py"):
-            return name not in BACKEND_NEUTRAL
+
+#: Only the backend-neutral modules, on TensorFlow too: `tests/run_flavours.py
+#: --neutral`, as CI runs the floor versions (KERAS_PARALLEL_NEUTRAL_ONLY=1).
+NEUTRAL_ONLY = BACKEND != "tensorflow" or os.environ.get("KERAS_PARALLEL_NEUTRAL_ONLY") == "1"
+
+
+def pytest_ignore_collect(collection_path, config):
+    if not NEUTRAL_ONLY:
         return None
+    name = collection_path.name
+    if name.startswith("test_") and name.endswith(".py"):
+        return name not in BACKEND_NEUTRAL
+    return None
 
 
 @pytest.fixture

@@ -18,8 +18,10 @@ them); the rest exercise TensorFlow itself.
 
 Every flavour runs even when an earlier one fails; the exit status is non-zero
 when any failed. The last line sums them up. `--flavour NAME` (repeatable:
-`tensorflow`, `tf_keras`, `jax`, `torch`) runs only those flavours. Other
-arguments go to pytest (`-x`, `-k name`, a test file).
+`tensorflow`, `tf_keras`, `jax`, `torch`) runs only those flavours; `--neutral`
+runs only the backend-neutral tests on TensorFlow too (CI's run at the oldest
+versions pyproject.toml allows). Other arguments go to pytest (`-x`, `-k name`, a
+test file).
 """
 
 from __future__ import annotations
@@ -90,6 +92,8 @@ def _chosen(argv: list[str]) -> tuple[set[str] | None, list[str]]:
 
 def main(argv: list[str]) -> int:
     chosen, argv = _chosen(argv)
+    neutral = "--neutral" in argv
+    argv = [a for a in argv if a != "--neutral"]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for index, (label, set_env, unset, needs) in enumerate(FLAVOURS):
@@ -100,6 +104,8 @@ def main(argv: list[str]) -> int:
                 continue
             env = {k: v for k, v in os.environ.items() if k not in unset}
             env.update(set_env)
+            if neutral:
+                env["KERAS_PARALLEL_NEUTRAL_ONLY"] = "1"
             junit = Path(tmp) / f"flavour{index}.xml"
             print(f"\n===== {label} =====", flush=True)
             code = subprocess.call(
