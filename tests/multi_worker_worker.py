@@ -53,7 +53,11 @@ def _recorder_class(keras, tf):
                 return x
 
             def explode():
-                huge = tf.fill([2**30, 512], tf.reduce_sum(x) * 0.0)  # the allocator fails
+                # Rows known only at run time: TensorFlow 2.16 would fold a constant
+                # shape into a 2 TiB constant and fail before allocating anything.
+                huge = tf.fill(
+                    [2**30 + tf.shape(x)[0] * 0, 512], tf.reduce_sum(x) * 0.0
+                )  # the allocator fails
                 return x + tf.reduce_sum(huge)
 
             return tf.cond(tf.shape(x)[0] > self.limit, explode, lambda: x)

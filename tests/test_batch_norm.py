@@ -213,7 +213,7 @@ def test_a_batch_norm_out_of_reach_is_named_once():
     with pytest.warns(UserWarning, match=r"'inner_bn'.*inside 'block'.*per_slice"):
         _parallel(template, 2, [1, 1])
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.simplefilter("error", UserWarning)
         _parallel_per_slice(template, [1, 1])
 
 

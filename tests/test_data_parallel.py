@@ -282,7 +282,7 @@ def test_one_device_works_and_warns_once():
     with pytest.warns(UserWarning, match="one device"):
         parallel = DataParallel(mlp(), devices=["/cpu:0"])
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.simplefilter("error", UserWarning)
         DataParallel(mlp(), devices=["/cpu:1"])
     x, _ = data(4)
     np.testing.assert_allclose(parallel.predict(x, verbose=0), unwrap(parallel)(x), atol=1e-6)

@@ -46,7 +46,11 @@ class RowRecorder(keras.layers.Layer):
             return x
 
         def explode():
-            huge = tf.fill([2**30, 512], tf.reduce_sum(x) * 0.0)  # 2 TiB: the allocator fails
+            # Rows known only at run time: TensorFlow 2.16 would fold a constant
+            # shape into a 2 TiB constant and fail before allocating anything.
+            huge = tf.fill(
+                [2**30 + tf.shape(x)[0] * 0, 512], tf.reduce_sum(x) * 0.0
+            )  # 2 TiB: the allocator fails
             return x + tf.reduce_sum(huge)
 
         return tf.cond(tf.shape(x)[0] > self.limit, explode, lambda: x)
@@ -415,7 +419,9 @@ def _sgd_whose_first_update_runs_out_of_memory():
 
             def explode():
                 with tf.control_dependencies([first.assign(False)]):
-                    huge = tf.fill([2**30, 512], tf.reduce_sum(grad) * 0.0)  # 2 TiB
+                    huge = tf.fill(
+                        [2**30 + tf.shape(grad)[0] * 0, 512], tf.reduce_sum(grad) * 0.0
+                    )  # 2 TiB
                     return grad + tf.reduce_sum(huge)
 
             grad = tf.cond(first, explode, lambda: grad)

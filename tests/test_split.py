@@ -74,7 +74,7 @@ def test_speed_split_names_a_device_much_slower_than_the_fastest():
     assert "devices=['/device:CPU:0']" in str(seen[0].message)
     assert keras_parallel.replicas(parallel).ratios == pytest.approx([17.28, 1.0], abs=0.01)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # 7x: no warning
+        warnings.simplefilter("error", UserWarning)  # 7x: no warning
         DataParallel(
             small_model(),
             devices=CPU2,
@@ -106,7 +106,7 @@ def test_even_split_on_unequal_devices_warns():
         DataParallel(small_model(), devices=CPU2, probe=probe)
     probe = FakeProbe(memory={"/device:CPU:0": 12 * GIB, "/device:CPU:1": 11 * GIB})
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.simplefilter("error", UserWarning)
         DataParallel(small_model(), devices=CPU2, probe=probe)
 
 
