@@ -37,6 +37,7 @@ BACKEND_NEUTRAL = {
     "test_multi_worker_jax.py",
     "test_own_steps.py",
     "test_resume.py",
+    "test_versions.py",
 }
 
 if BACKEND == "tensorflow":
