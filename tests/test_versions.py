@@ -58,3 +58,21 @@ def test_ci_floors_are_pyprojects_floors(name):
 def test_the_frameworks_floors_are_pinned_for_ci():
     pinned = _pins(ROOT / ".ci" / "floors-tensorflow.txt") | _pins(ROOT / ".ci" / "floors-jax.txt")
     assert {"tensorflow", "tf-keras", "keras", "jax"} <= set(pinned)
+
+
+@pytest.mark.parametrize(
+    "jaxlib, flag",
+    [
+        ("0.5.3", ""),
+        ("0.7.2", ""),
+        ("0.8.0", "--xla_cpu_collective_call_terminate_timeout_seconds=600"),
+    ],
+)
+def test_the_collective_timeout_flag_only_where_jaxlib_knows_it(monkeypatch, jaxlib, flag):
+    """jaxlib before 0.8 aborts the process on an XLA flag it does not know."""
+    from importlib import metadata
+
+    from keras_parallel._backend.jax.devices import collective_timeout_flag
+
+    monkeypatch.setattr(metadata, "version", lambda name: jaxlib)
+    assert collective_timeout_flag() == flag
