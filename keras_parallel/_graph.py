@@ -187,7 +187,8 @@ def run_parts(model, parts_inputs: list, call):
 
 
 #: The methods of `keras.Model` that `fit`, `evaluate` and `predict` call to make
-#: a step: a model class that defines its own trains, tests or predicts otherwise.
+#: a step: a model class that defines one of them trains, evaluates or predicts
+#: in its own way.
 STEP_METHODS = ("train_step", "test_step", "predict_step", "compute_loss", "compute_metrics")
 
 

@@ -10,9 +10,10 @@ the start of training these callbacks move themselves to the front of the
 
 No public route gives a callback its `CallbackList`: this module finds the one
 calling `on_train_begin` among the caller's frames, and reads and reorders its
-public `callbacks` list. It is the only place that does; the tests in
-tests/test_gpu_memory_logger.py (a CSVLogger listed first gets the memory
-columns, on every flavour) fail when Keras changes how it calls the callbacks.
+public `callbacks` list. It is the only place that does; the test
+tests/test_accumulation_backends.py::test_log_keys_reach_a_csv_logger_listed_in_any_order
+(a CSVLogger listed first gets the columns, on every flavour) fails when Keras
+changes how it calls the callbacks.
 
 Reordering while `CallbackList.on_train_begin` iterates the list is safe: the
 callback moves from position k to 0, so positions after k are unchanged and
