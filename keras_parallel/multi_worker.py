@@ -261,16 +261,12 @@ def check_fit_supported(model) -> None:
     replicas_layer = getattr(model, "_replicas_layer", None)
     # The backend's own conditions (JAX: a keras.distribution's mesh and split).
     _backend.replicas.check_fit_supported(replicas_layer() if callable(replicas_layer) else None)
-    if not IS_KERAS_3 or backend_name() != "tensorflow":
-        return
     _refuse_keras_3_fit(getattr(model, "distribute_strategy", None), "`fit`")
 
 
 def _refuse_keras_3_fit(distribute_strategy, what: str) -> None:
     """Raises where Keras 3 on TensorFlow would `fit` under a multi-worker strategy."""
-    if not IS_KERAS_3 or backend_name() != "tensorflow":
-        return
-    if not is_multi_worker(distribute_strategy):
+    if not IS_KERAS_3 or not is_multi_worker(distribute_strategy):  # False off TensorFlow
         return
     raise NotImplementedError(
         f"Keras 3 cannot `fit` under a MultiWorkerMirroredStrategy over several "

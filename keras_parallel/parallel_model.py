@@ -118,7 +118,7 @@ class ParallelModel(keras.Model):
                 f"{core.placement} are of different kinds, which one jitted (SPMD) "
                 "program cannot span; each device runs its own program instead.",
             )
-        if resolved != jit or "jit_compile" in bound.arguments:
+        if resolved != jit:
             bound.arguments["jit_compile"] = resolved
         return super().compile(*bound.args, **bound.kwargs)
 

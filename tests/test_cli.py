@@ -223,3 +223,17 @@ def test_the_command_picks_an_installed_backend_when_keras_would_use_a_missing_o
     (tmp_path / "keras.json").write_text('{"backend": "torch"}')
     assert cli.choose_backend(environ) is None
     assert "KERAS_BACKEND" not in environ
+
+
+def test_the_demo_module_runs_as_the_demo_command():
+    """`python -m keras_parallel.demo` is `keras-parallel demo` (same options, same prog)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "keras_parallel.demo", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=user_env(),
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("usage: keras-parallel demo")
+    assert "--micro-batch-size" in done.stdout
